@@ -1,0 +1,46 @@
+"""bissl_fast: fused losses, Hessian-vector products and CG solves for bilevel self-supervised learning.
+
+Importing the package is cheap and never probes CUDA, triton or the C++ extension: the public
+names below are loaded from their modules on first access.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import reference
+from ._backends import BackendUnavailableError, backend_reasons, backends
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "NTXentFunction": "nt_xent",
+    "NTXentLoss": "nt_xent",
+    "nt_xent": "nt_xent",
+    "BYOLLossFunction": "byol",
+    "BYOLLoss": "byol",
+    "byol_loss": "byol",
+    "normalized_regression": "byol",
+    "HessianOperator": "solver",
+    "ImplicitGradient": "solver",
+    "CGInfo": "solver",
+    "cg_solve": "solver",
+    "top_eigenvalues": "solver",
+    "BiSSLTrainer": "trainer",
+    "BiSSLConfig": "trainer",
+}
+
+__all__ = ["BackendUnavailableError", "backend_reasons", "backends", "reference", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'bissl_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,0 +1,124 @@
+"""Which compute backends exist on this machine, and how ``backend="auto"`` picks one.
+
+Nothing here runs at import time: availability is probed on first use and cached, so importing
+``bissl_fast`` works without the C++ extension, without triton and without a GPU.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+from typing import Sequence
+
+import torch
+
+BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
+
+_BUILD_FIX = (
+    "build it with `pip install --no-build-isolation -e .` from the repository root "
+    "(and without BISSL_FAST_SKIP_EXT=1)"
+)
+
+
+class BackendUnavailableError(RuntimeError):
+    """Raised when a requested backend cannot run here; the message names the fix."""
+
+
+def triton_interpret_mode() -> bool:
+    """True when Triton kernels run on CPU tensors through the interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _probe() -> dict[str, tuple[bool, str]]:
+    status: dict[str, tuple[bool, str]] = {"torch": (True, "")}
+    try:
+        ext = importlib.import_module("bissl_fast._C")
+        status["cpp"] = (True, "")
+    except ImportError as exc:
+        ext = None
+        status["cpp"] = (False, f"the C++ extension bissl_fast._C is not importable ({exc}); {_BUILD_FIX}")
+    try:
+        importlib.import_module("triton")
+        if torch.cuda.is_available() or triton_interpret_mode():
+            status["triton"] = (True, "")
+        else:
+            status["triton"] = (
+                False,
+                "triton is installed but there is no CUDA GPU; set TRITON_INTERPRET=1 before "
+                "importing triton to run the kernels on CPU tensors (slow, for testing)",
+            )
+    except ImportError as exc:
+        status["triton"] = (False, f"triton is not importable ({exc}); `pip install triton`")
+    if ext is None:
+        status["cuda"] = (False, status["cpp"][1])
+    elif not ext.cuda_compiled():
+        status["cuda"] = (
+            False,
+            "bissl_fast._C was built without CUDA sources; rebuild on a machine with a CUDA build "
+            "of torch and nvcc (or FORCE_CUDA=1): `pip install --no-build-isolation -e .`",
+        )
+    elif not torch.cuda.is_available():
+        status["cuda"] = (False, "no CUDA device is visible to torch")
+    else:
+        status["cuda"] = (True, "")
+    return status
+
+
+def backends() -> dict[str, bool]:
+    """Availability of each backend on this machine, e.g. ``{"torch": True, "cpp": True, ...}``."""
+    return {name: ok for name, (ok, _) in _probe().items()}
+
+
+def backend_reasons() -> dict[str, str]:
+    """For each unavailable backend, why it is missing and how to get it."""
+    return {name: why for name, (ok, why) in _probe().items() if not ok}
+
+
+def _runs_on(name: str, device: torch.device) -> bool:
+    if name in ("torch", "cpp"):
+        return True
+    if name == "cuda":
+        return device.type == "cuda"
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpret_mode())
+
+
+def resolve_backend(
+    requested: str, device: torch.device, supported: Sequence[str], auto_order: dict[str, Sequence[str]]
+) -> str:
+    """Pick the backend that runs an op on tensors of ``device``.
+
+    ``supported`` lists the backends the op implements; ``auto_order`` maps a device type to the
+    backends ``"auto"`` tries in order (fastest first, as measured in ``benchmarks/``). An explicit
+    request that cannot run raises :class:`BackendUnavailableError`; there is no silent fallback.
+    """
+    if requested != "auto" and requested not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
+    if requested == "auto":
+        for name in auto_order.get(device.type, ("torch",)):
+            if name in supported and backends()[name] and _runs_on(name, device):
+                return name
+        return "torch"
+    if requested not in supported:
+        raise BackendUnavailableError(
+            f"this op has no {requested!r} backend; it supports {tuple(supported)}"
+        )
+    if not backends()[requested]:
+        raise BackendUnavailableError(f"backend {requested!r} is unavailable: {backend_reasons()[requested]}")
+    if not _runs_on(requested, device):
+        hint = (
+            " (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)"
+            if requested == "triton"
+            else ""
+        )
+        raise BackendUnavailableError(
+            f"backend {requested!r} cannot run on {device.type} tensors{hint}"
+        )
+    return requested
+
+
+def extension():
+    """The compiled ``bissl_fast._C`` module (its ops live under ``torch.ops.bissl_fast``)."""
+    if not backends()["cpp"]:
+        raise BackendUnavailableError(backend_reasons()["cpp"])
+    return importlib.import_module("bissl_fast._C")
