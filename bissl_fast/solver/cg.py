@@ -1,0 +1,147 @@
+"""Conjugate gradient with the paper's numerics and fused multi-tensor vector updates."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from typing import Callable, Sequence
+
+import torch
+
+from .._validation import check_int_at_least, check_positive, check_same_device, check_tensor_tuple
+from ..reference import CG_EPS
+from ._multi_tensor import vector_ops
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+@dataclasses.dataclass
+class CGInfo:
+    """What a :func:`cg_solve` run did.
+
+    Attributes:
+        iterations: CG iterations run (matvecs spent on directions; a warm start spends one more).
+        residual_norms: ``||r_k||`` over the concatenated vector, ``k = 0 .. iterations``.
+        b_norm: ``||b||``.
+        converged: ``tol`` was given and ``||r|| / ||b|| <= tol`` was reached.
+        backend: the vector backend that ran (``"torch"``, ``"cpp"`` or ``"cuda"``).
+        nonfinite: the solution contained NaN/inf before ``nan_to_num``.
+    """
+
+    iterations: int
+    residual_norms: list[float]
+    b_norm: float
+    converged: bool
+    backend: str
+    nonfinite: bool = False
+
+    @property
+    def relative_residuals(self) -> list[float]:
+        """``||r_k|| / ||b||`` (``inf`` entries when ``b == 0``)."""
+        return [r / self.b_norm if self.b_norm > 0 else math.inf for r in self.residual_norms]
+
+
+def _total(s: torch.Tensor) -> torch.Tensor:
+    return s.sum().expand(s.shape[0])
+
+
+def cg_solve(
+    matvec: Callable[[Tensors], Sequence[torch.Tensor]],
+    b: Sequence[torch.Tensor],
+    iters: int = 5,
+    layerwise: bool = True,
+    x0: Sequence[torch.Tensor] | None = None,
+    tol: float | None = None,
+    return_info: bool = False,
+    backend: str = "auto",
+) -> Tensors | tuple[Tensors, CGInfo]:
+    """Solve ``A x = b`` by conjugate gradient, the paper's numerics (DESIGN §2.3).
+
+    Args:
+        matvec: maps a tuple shaped like ``b`` to ``A`` applied to it. It must not modify its
+            argument (a solver-owned buffer that is updated in place afterwards).
+        b: tuple of ``T`` tensors (e.g. one per parameter, any shapes, one device).
+        iters: maximum number of CG iterations (one matvec each), ``>= 1``.
+        layerwise: per-tensor ``alpha_t``, ``beta_t`` (default, the paper's); otherwise one pair
+            for the concatenated vector.
+        x0: warm start shaped like ``b`` (costs one extra matvec for ``r0 = b - A x0``);
+            ``None`` starts from zero without a matvec.
+        tol: stop once ``||r|| / ||b|| <= tol`` (global norm, in both modes). Checking it
+            synchronizes with the device once per iteration; ``None`` never stops early.
+        return_info: also return a :class:`CGInfo`.
+        backend: vector-update backend, ``"auto" | "torch" | "cpp" | "cuda"`` (see
+            ``bissl_fast.solver._multi_tensor``).
+
+    ``alpha = r.r / (d.Ad + 1e-12)``, ``beta = r'.r' / (r.r + 1e-12)`` per tensor (layerwise) or
+    on the totals (global); scalars are float64. The result is detached and goes through
+    ``nan_to_num``; if it contained NaN/inf a ``RuntimeWarning`` is issued.
+
+    Returns:
+        ``x`` (tuple shaped like ``b``), or ``(x, info)`` with ``return_info=True``.
+    """
+    if not callable(matvec):
+        raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
+    b = tuple(t.detach() for t in check_tensor_tuple("b", b))
+    check_same_device(**{f"b[{i}]": t for i, t in enumerate(b)})
+    iters = check_int_at_least("iters", iters, 1)
+    if not isinstance(layerwise, bool):
+        raise TypeError(f"layerwise must be a bool, got {type(layerwise).__name__}")
+    if tol is not None:
+        tol = check_positive("tol", tol)
+    ops = vector_ops(backend, b)
+    track = return_info or tol is not None
+
+    def apply(v: Tensors, what: str) -> Tensors:
+        out = check_tensor_tuple(f"matvec({what})", tuple(matvec(v)), like=b)
+        for i, (o, t) in enumerate(zip(out, b)):
+            if o.dtype != t.dtype or o.device != t.device:
+                raise TypeError(f"matvec({what})[{i}] must be {t.dtype} on {t.device}, got {o.dtype} on {o.device}")
+        return tuple(o.detach().contiguous() for o in out)
+
+    # Solver-owned contiguous buffers: the fused kernels update x, r, d in place.
+    if x0 is None:
+        x = tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in b)
+        r = tuple(t.clone(memory_format=torch.contiguous_format) for t in b)
+    else:
+        x = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in check_tensor_tuple("x0", x0, like=b))
+        for i, (xi, t) in enumerate(zip(x, b)):
+            if xi.dtype != t.dtype or xi.device != t.device:
+                raise TypeError(f"x0[{i}] must be {t.dtype} on {t.device}, got {xi.dtype} on {xi.device}")
+        r = tuple(torch.sub(t, ax).contiguous() for t, ax in zip(b, apply(x, "x0")))
+    d = tuple(t.clone() for t in r)
+    rr = ops.dot(r, r)
+
+    norms: list[float] = []
+    b_norm = 0.0
+    converged = False
+    if track:
+        b_norm = math.sqrt(float(ops.dot(b, b).sum()))
+        norms.append(math.sqrt(float(rr.sum())))
+        converged = tol is not None and norms[-1] <= tol * b_norm
+    done = 0
+    while done < iters and not converged:
+        ad = apply(d, "d")
+        dad = ops.dot(d, ad)
+        alpha = rr / (dad + CG_EPS) if layerwise else _total(rr) / (_total(dad) + CG_EPS)
+        rr_new = ops.update(x, r, d, ad, alpha)
+        beta = rr_new / (rr + CG_EPS) if layerwise else _total(rr_new) / (_total(rr) + CG_EPS)
+        ops.direction(d, r, beta)
+        rr = rr_new
+        done += 1
+        if track:
+            norms.append(math.sqrt(float(rr.sum())))
+            converged = tol is not None and norms[-1] <= tol * b_norm
+
+    finite = torch.stack([torch.isfinite(t).all() for t in x]).all()
+    nonfinite = not bool(finite)
+    if nonfinite:
+        warnings.warn(
+            "cg_solve: the solution contained NaN/inf (non-finite matvec products?); "
+            "they were replaced by nan_to_num as in the paper",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    x = tuple(torch.nan_to_num(t) for t in x)
+    if not return_info:
+        return x
+    return x, CGInfo(done, norms, b_norm, converged, ops.name, nonfinite)
