@@ -1,0 +1,447 @@
+"""Fused NT-Xent (SimCLR) loss with exact first and second derivatives in O(N*D) memory.
+
+The loss of DESIGN §2.1 is split into two terms::
+
+    loss = (1/N) sum_i lse_i  -  1/(tau N (m-1)) sum_i sum_{p in P(i)} u_i . u_p
+
+The positive term is O(N*D) (m-1 row-wise dot products) and plain autograd differentiates it any
+number of times. The masked log-sum-exp term ``lse_i = log sum_{j != i} exp(u_i . u_j / tau)`` is
+the part that would need the ``N x N`` logits; it is computed by :class:`NTXentFunction`, whose
+forward, backward and double backward all stream over row blocks of the logits (Triton kernels on
+GPU, chunked PyTorch on CPU) and never hold an ``N x N`` buffer. The backward of
+:class:`NTXentFunction` is itself an autograd Function, so ``torch.autograd.grad(...,
+create_graph=True)`` followed by a second ``grad`` (a Hessian-vector product) is exact; third
+derivatives raise an error instead of returning a silently wrong value.
+
+Normalization ``u = z / max(||z||, 1e-12)`` is done with ``F.normalize`` around the kernels, so its
+chain rule (first and second order) comes from autograd.
+
+The three kernels are registered as ``torch.library`` custom ops (``torch.ops.bissl_fast.nt_xent_lse``,
+``..._backward``, ``..._double_backward``) with fake implementations, so ``torch.compile`` traces
+``nt_xent`` without graph breaks. (``torch.compile`` itself does not support double backward; HVPs
+run eagerly.)
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ._alloc import empty_output, empty_output_like
+from ._backends import resolve_backend
+from ._validation import check_finite as _check_finite
+from ._validation import check_int_at_least, check_positive, parse_nt_xent_args
+from .reference import NORMALIZE_EPS
+
+__all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
+
+_SUPPORTED = ("torch", "triton")
+_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
+_PRECISIONS = ("ieee", "tf32")
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+#: Elements of one ``[rows, N]`` logits block on the chunked path: 4 MiB of fp32, so a handful of
+#: live blocks stays far below one ``N x N`` matrix at the batch sizes where memory matters.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked PyTorch implementation (backend="torch"): the same three formulas, row block by row block.
+# --------------------------------------------------------------------------------------------
+
+
+def _row_blocks(n: int) -> Iterator[tuple[int, int]]:
+    """``(i0, i1)`` row ranges whose ``[i1 - i0, N]`` logits block has about ``_CHUNK_ELEMENTS`` entries."""
+    rows = max(1, min(n, _CHUNK_ELEMENTS // n))
+    for i0 in range(0, n, rows):
+        yield i0, min(n, i0 + rows)
+
+
+def _masked_logits(u: torch.Tensor, i0: int, i1: int, inv_tau: float) -> torch.Tensor:
+    """Rows ``i0:i1`` of ``u u^T / tau`` with the diagonal set to -inf (excluded from every softmax)."""
+    s = torch.mm(u[i0:i1], u.T).mul_(inv_tau)
+    s.diagonal(offset=i0).fill_(float("-inf"))
+    return s
+
+
+def _torch_lse(u: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    n = u.shape[0]
+    lse = empty_output(n, dtype=u.dtype, device=u.device)
+    for i0, i1 in _row_blocks(n):
+        lse[i0:i1] = torch.logsumexp(_masked_logits(u, i0, i1, inv_tau), dim=1)
+    return lse
+
+
+def _weighted_probabilities(
+    s: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, i0: int, i1: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a logits row block: ``c_i P_ij`` and, by symmetry of ``s``, ``c_j P_ji = c_j exp(s_ij - lse_j)``."""
+    p_col = torch.exp(s - lse).mul_(c)
+    p_row = s.sub_(lse[i0:i1, None]).exp_().mul_(c[i0:i1, None])
+    return p_row, p_col
+
+
+def _torch_lse_backward(u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: float) -> torch.Tensor:
+    n = u.shape[0]
+    out = empty_output_like(u)
+    for i0, i1 in _row_blocks(n):
+        p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), lse, c, i0, i1)
+        out[i0:i1] = torch.mm(p_row.add_(p_col), u).mul_(inv_tau)
+    return out
+
+
+def _cross(u: torch.Tensor, w: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+    """Rows ``i0:i1`` of ``Q = W U^T + U W^T``."""
+    return torch.addmm(torch.mm(w[i0:i1], u.T), u[i0:i1], w.T)
+
+
+def _torch_lse_double_backward(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    n = u.shape[0]
+    r = empty_output(n, dtype=u.dtype, device=u.device)
+    for i0, i1 in _row_blocks(n):  # pass 1: r_i = sum_j P_ij Q_ij
+        p = _masked_logits(u, i0, i1, inv_tau).sub_(lse[i0:i1, None]).exp_()
+        r[i0:i1] = (p.mul_(_cross(u, w, i0, i1))).sum(dim=1)
+    out = empty_output_like(u)
+    for i0, i1 in _row_blocks(n):  # pass 2: (C P + P^T C) W / tau + (E + E^T) U / tau^2
+        p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), lse, c, i0, i1)
+        q = _cross(u, w, i0, i1)
+        e = p_row * (q - r[i0:i1, None])
+        e.addcmul_(p_col, q.sub_(r))
+        grad = torch.mm(p_row.add_(p_col), w).mul_(inv_tau)
+        out[i0:i1] = grad.add_(torch.mm(e, u), alpha=inv_tau * inv_tau)
+    return out, r
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile, dispatching to Triton or the chunked path.
+# --------------------------------------------------------------------------------------------
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _triton_kernels():
+    from .kernels import nt_xent_triton
+
+    return nt_xent_triton
+
+
+@torch.library.custom_op("bissl_fast::nt_xent_lse", mutates_args=())
+def _lse_op(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
+    """``lse [N]`` (fp32, fp64 for fp64 ``u``) of the diagonal-masked logits ``u u^T * inv_tau``."""
+    if backend == "triton":
+        return _triton_kernels().lse_forward(u, inv_tau, precision)
+    return _torch_lse(u, inv_tau)
+
+
+@_lse_op.register_fake
+def _(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
+    return u.new_empty(u.shape[0], dtype=_acc_dtype(u.dtype))
+
+
+@torch.library.custom_op("bissl_fast::nt_xent_lse_backward", mutates_args=())
+def _lse_backward_op(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: float, backend: str, precision: str
+) -> torch.Tensor:
+    """``d(sum_i c_i lse_i)/du = inv_tau (C P + P^T C) u``, ``[N, D]`` in ``u.dtype``."""
+    if backend == "triton":
+        return _triton_kernels().lse_backward(u, lse, c, inv_tau, precision)
+    return _torch_lse_backward(u, lse, c, inv_tau)
+
+
+@_lse_backward_op.register_fake
+def _(u, lse, c, inv_tau, backend, precision):
+    return torch.empty_like(u)
+
+
+@torch.library.custom_op("bissl_fast::nt_xent_lse_double_backward", mutates_args=())
+def _lse_double_backward_op(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float, backend: str, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For cotangent ``w`` of the backward's output: ``(d<w, dU>/du [N, D], r [N])``; ``d<w, dU>/dc = r * inv_tau``."""
+    if backend == "triton":
+        return _triton_kernels().lse_double_backward(u, lse, c, w, inv_tau, precision)
+    return _torch_lse_double_backward(u, lse, c, w, inv_tau)
+
+
+@_lse_double_backward_op.register_fake
+def _(u, lse, c, w, inv_tau, backend, precision):
+    return torch.empty_like(u), u.new_empty(u.shape[0], dtype=_acc_dtype(u.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd layer.
+# --------------------------------------------------------------------------------------------
+
+
+class _NTXentLseBackward(torch.autograd.Function):
+    """``(u, lse, c) -> dU = (1/tau) (C P + P^T C) u``: the backward of :class:`NTXentFunction`.
+
+    Its own backward is the two-pass double backward of DESIGN §2.1 (with ``g/N`` generalized to the
+    per-row weights ``c``), so HVPs through the loss are exact. ``lse`` is the detached forward
+    value: the gradient with respect to ``u`` already includes the dependence of ``lse`` on ``u``
+    (the ``-r_i`` term), so no gradient flows to ``lse``.
+    """
+
+    @staticmethod
+    def forward(ctx, u, lse, c, inv_tau, backend, precision):
+        ctx.save_for_backward(u, lse, c)
+        ctx.inv_tau, ctx.backend, ctx.precision = inv_tau, backend, precision
+        return torch.ops.bissl_fast.nt_xent_lse_backward(u, lse, c, inv_tau, backend, precision)
+
+    @staticmethod
+    @once_differentiable  # third derivatives are not implemented: differentiating again raises
+    def backward(ctx, w):
+        u, lse, c = ctx.saved_tensors
+        grad_u, r = torch.ops.bissl_fast.nt_xent_lse_double_backward(
+            u, lse, c, w.to(u.dtype).contiguous(), ctx.inv_tau, ctx.backend, ctx.precision
+        )
+        grad_c = r.mul(ctx.inv_tau) if ctx.needs_input_grad[2] else None
+        return grad_u, None, grad_c, None, None, None
+
+
+class NTXentFunction(torch.autograd.Function):
+    """Masked log-sum-exp term of NT-Xent: ``u [N, D] -> lse [N]``, ``lse_i = log sum_{j != i} exp(u_i . u_j / tau)``.
+
+    This is the only part of the loss that needs the ``N x N`` logits; :func:`nt_xent` adds the
+    normalization and the positive term around it with plain autograd ops. Call as
+    ``NTXentFunction.apply(u, temperature, backend, precision)`` with
+
+    * ``u``: contiguous ``[N, D]`` rows (normally unit rows), fp32/fp64 on ``backend="torch"``,
+      fp32/bf16/fp16 on ``backend="triton"`` (dots accumulate in fp32);
+    * ``temperature``: float > 0; ``backend``: ``"torch"`` or ``"triton"`` (already resolved, no
+      ``"auto"``); ``precision``: ``"ieee"`` or ``"tf32"`` (fp32 dots on the Triton path).
+
+    Returns ``lse`` of shape ``[N]`` in fp32 (fp64 for fp64 ``u``). Its gradient is differentiable
+    once more (``create_graph=True`` then a second ``grad``); memory stays O(N*D) throughout.
+    """
+
+    @staticmethod
+    def forward(ctx, u, temperature, backend="torch", precision="ieee"):
+        inv_tau = 1.0 / temperature
+        lse = torch.ops.bissl_fast.nt_xent_lse(u, inv_tau, backend, precision)
+        ctx.save_for_backward(u, lse)
+        ctx.inv_tau, ctx.backend, ctx.precision = inv_tau, backend, precision
+        return lse
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        u, lse = ctx.saved_tensors
+        c = grad_lse.to(lse.dtype).contiguous()
+        du = _NTXentLseBackward.apply(u, lse.detach(), c, ctx.inv_tau, ctx.backend, ctx.precision)
+        return du, None, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Distributed all-gather in view-major order, differentiable any number of times.
+# --------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class _GatherViews(torch.autograd.Function):
+    """Local view-major ``[m*b, D]`` -> global view-major ``[m*W*b, D]``: view ``k`` of the result
+    is ``[rank0 view k; rank1 view k; ...]``, so positives ``(i + k*W*b) mod N`` stay aligned.
+
+    The adjoint is "all-reduce-sum, then take this rank's rows" (:class:`_ReduceOwnRows`), and the
+    adjoint of that is this gather again, so the pair is differentiable to any order (HVPs).
+    """
+
+    @staticmethod
+    def forward(ctx, z, views):
+        world, _ = _world()
+        ctx.views = views
+        parts = [torch.empty_like(z) for _ in range(world)]
+        dist.all_gather(parts, z.contiguous())
+        b = z.shape[0] // views
+        stacked = torch.stack(parts).view(world, views, b, z.shape[1])
+        return stacked.transpose(0, 1).reshape(views * world * b, z.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ReduceOwnRows.apply(grad, ctx.views), None
+
+
+class _ReduceOwnRows(torch.autograd.Function):
+    """Global ``[m*W*b, D]`` -> sum over ranks, then this rank's rows of every view: ``[m*b, D]``."""
+
+    @staticmethod
+    def forward(ctx, grad, views):
+        world, rank = _world()
+        ctx.views = views
+        total = grad.contiguous().clone()
+        dist.all_reduce(total)
+        b = grad.shape[0] // (views * world)
+        return total.view(views, world, b, grad.shape[1])[:, rank].reshape(views * b, grad.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _GatherViews.apply(grad, ctx.views), None
+
+
+def _gather_views(z: torch.Tensor, views: int) -> torch.Tensor:
+    world, _ = _world()
+    if world == 1:
+        return z
+    shape = torch.tensor(z.shape, device=z.device)
+    shapes = [torch.empty_like(shape) for _ in range(world)]
+    dist.all_gather(shapes, shape)
+    if any(not torch.equal(s, shape) for s in shapes):
+        raise ValueError(
+            "gather=True needs the same z shape on every rank, got "
+            f"{[tuple(s.tolist()) for s in shapes]}"
+        )
+    return _GatherViews.apply(z, views)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_precision(precision: object) -> str:
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    return precision  # type: ignore[return-value]
+
+
+def _resolve(backend: str, z: torch.Tensor) -> str:
+    name = resolve_backend(backend, z.device, _SUPPORTED, _AUTO_ORDER)
+    if name == "triton" and z.dtype not in _TRITON_DTYPES:
+        if backend == "auto":
+            return "torch"
+        raise TypeError(f"backend='triton' supports z of dtype {_TRITON_DTYPES}, got {z.dtype}; use backend='torch'")
+    return name
+
+
+def _loss(z: torch.Tensor, tau: float, views: int, backend: str, precision: str) -> torch.Tensor:
+    n = z.shape[0]
+    b = n // views
+    u = F.normalize(z.to(_acc_dtype(z.dtype)), dim=1, eps=NORMALIZE_EPS)
+    # Triton takes 16-bit rows as they are (tensor-core dots, fp32 accumulation); the chunked path
+    # computes in fp32 (fp64 for fp64 input).
+    u_lse = u.to(z.dtype) if backend == "triton" else u
+    lse = NTXentFunction.apply(u_lse.contiguous(), tau, backend, precision)
+    positives = sum((u * u.roll(-k * b, dims=0)).sum() for k in range(1, views))
+    return lse.mean() - positives / (tau * n * (views - 1))
+
+
+def nt_xent(
+    z: torch.Tensor,
+    *rest: torch.Tensor | float,
+    temperature: float | None = None,
+    views: int = 2,
+    backend: str = "auto",
+    gather: bool = False,
+    precision: str = "ieee",
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """NT-Xent (SimCLR) loss, DESIGN §2.1, in O(N*D) memory with exact first and second derivatives.
+
+    Call forms:
+
+    * ``nt_xent(z, temperature=0.5, views=2)``: ``z`` is ``[N, D]``, ``N = views * B``, rows
+      view-major (rows ``k*B .. (k+1)*B - 1`` are view ``k`` of samples ``0..B-1``);
+    * ``nt_xent(z0, z1, temperature)``: ``z0, z1`` are ``[B, D]``, same as ``cat([z0, z1])`` with 2 views.
+
+    Returns a scalar ``1/(N(m-1)) sum_i sum_{p in P(i)} (lse_i - s_ip)`` with
+    ``s_ij = u_i . u_j / tau``, ``u = z / max(||z||, 1e-12)``, the diagonal excluded from every
+    softmax and ``P(i) = {(i + k*B) mod N, k = 1..m-1}``. The loss is fp32 for fp32/bf16/fp16 input
+    (accumulated in fp32) and fp64 for fp64 input; gradients come back in ``z``'s dtype.
+
+    Args:
+        temperature: ``tau > 0`` (default 0.5), a runtime scalar (no recompilation per value).
+        views: ``m >= 2`` views per sample.
+        backend: ``"auto"`` (CUDA -> ``"triton"`` if available, else ``"torch"``; CPU -> ``"torch"``),
+            ``"triton"`` (tiled kernels; CPU tensors only under ``TRITON_INTERPRET=1``) or
+            ``"torch"`` (chunked PyTorch over row blocks of the logits; fp64 supported). An explicit
+            backend that cannot run raises :class:`~bissl_fast.BackendUnavailableError`.
+        gather: all-gather ``z`` over ``torch.distributed`` ranks first (no-op without an
+            initialized process group or with one rank). Every rank must pass the same shape. The
+            global batch is view-major: view ``k`` of it is ``[rank0 view k; rank1 view k; ...]``,
+            so the loss equals the single-process loss on that concatenation. Gradients flow back to
+            each rank's own rows as all-reduce-sum then own slice (as in lightly / solo-learn): rank
+            ``r`` gets ``world_size * dL/dz_r``, which DDP's gradient averaging turns into exactly
+            the single-process gradient; the same holds for HVPs (the gather is differentiable twice).
+        precision: ``"ieee"`` (default) or ``"tf32"``: the fp32 dot products of the Triton kernels.
+            The default is exact fp32 (rel. error < 1e-5 vs fp64); ``"tf32"`` (~3e-4) is a speed
+            option for A100/H100 that has not been measured on a GPU in this repository. 16-bit
+            inputs always use their own tensor-core dots; the torch path ignores it (it follows
+            ``torch.backends.cuda.matmul.allow_tf32``).
+        check_finite: if True, raise ``ValueError`` when ``z`` contains NaN or inf (costs one
+            reduction and a host sync; off by default).
+
+    Drop-in mapping:
+
+    * lightly ``NTXentLoss(temperature, gather_distributed)(out0, out1)`` is
+      ``nt_xent(out0, out1, temperature, gather=gather_distributed)`` (same value).
+    * solo-learn ``simclr_loss_func(z, indexes, temperature)`` with ``z = cat(views)`` and
+      ``indexes = arange(B).repeat(m)`` is ``nt_xent(z, temperature=temperature, views=m,
+      gather=True)`` for ``m = 2``. For ``m > 2`` solo-learn puts the sum over positives inside the
+      log; this loss (DESIGN §2.1) averages the log-probabilities of the positives.
+
+    Raises:
+        TypeError: non-tensor or non-floating ``z``, non-real temperature, non-int views.
+        ValueError: ``z`` not 2-D or empty, ``N`` not divisible by ``views``, ``temperature <= 0``,
+            mismatched ``z0``/``z1``, bad ``precision``, non-finite values with ``check_finite=True``.
+    """
+    z, tau, m = parse_nt_xent_args(z, rest, temperature, views)
+    precision = _check_precision(precision)
+    if check_finite:
+        _check_finite("z", z)
+    name = _resolve(backend, z)
+    if gather:
+        z = _gather_views(z, m)
+    return _loss(z, tau, m, name, precision)
+
+
+class NTXentLoss(nn.Module):
+    """Drop-in ``nn.Module`` for :func:`nt_xent`: ``NTXentLoss(temperature, views, backend, gather)``.
+
+    ``forward(z)`` with view-major ``z [views*B, D]`` or ``forward(z0, z1)`` with ``[B, D]`` each;
+    returns the scalar loss. Replaces lightly's ``NTXentLoss(temperature, gather_distributed=g)``
+    as ``NTXentLoss(temperature, gather=g)``; see :func:`nt_xent` for solo-learn.
+    """
+
+    def __init__(
+        self,
+        temperature: float = 0.5,
+        views: int = 2,
+        backend: str = "auto",
+        gather: bool = False,
+        precision: str = "ieee",
+        check_finite: bool = False,
+    ) -> None:
+        super().__init__()
+        self.temperature = check_positive("temperature", temperature)
+        self.views = check_int_at_least("views", views, 2)
+        self.backend = backend
+        self.gather = bool(gather)
+        self.precision = _check_precision(precision)
+        self.check_finite = bool(check_finite)
+
+    def forward(self, z: torch.Tensor, z1: torch.Tensor | None = None) -> torch.Tensor:
+        tensors = (z,) if z1 is None else (z, z1)
+        return nt_xent(
+            *tensors,
+            temperature=self.temperature,
+            views=self.views,
+            backend=self.backend,
+            gather=self.gather,
+            precision=self.precision,
+            check_finite=self.check_finite,
+        )
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, views={self.views}, backend={self.backend!r}, gather={self.gather}"
