@@ -1,0 +1,282 @@
+"""Fused BYOL loss (DESIGN.md §2.2): row-wise forward, backward and double backward.
+
+Three row ops, each the vector-Jacobian product of the previous one, so the gradient of every op
+is itself differentiable and Hessian-vector products through the loss are exact:
+
+    byol_fwd(p, t)                        -> loss [B]          2 - 2 cos(p_b, t_b)
+    byol_bwd(grad, p, t, t_grad)          -> (dp, dt)          vjp of byol_fwd
+    byol_hvp(grad, p, t, wp, wt, t_grad)  -> (dgrad, dp, dt)   vjp of byol_bwd
+
+``dt`` is an empty ``[0]`` tensor unless ``t_grad`` (targets are normally detached, and skipping
+their gradient saves a ``[B, D]`` write). Backends:
+
+- ``"cpp"``: ``torch.ops.bissl_fast.byol_*`` CPU kernels (``csrc/cpu/byol_cpu.cpp``);
+- ``"cuda"``: the same ``torch.ops`` ops, CUDA kernels (``csrc/cuda/byol_cuda.cu``);
+- ``"triton"``: ``torch.ops.bissl_fast.byol_*_triton`` custom ops (``bissl_fast/kernels/byol_triton.py``);
+- ``"torch"``: plain autograd composition of ``F.normalize`` (the reference math).
+
+All kernel backends share the row math of ``csrc/include/bissl_fast/byol_math.h``. Their autograd
+formulas and fake (meta) kernels are registered with ``torch.library`` so they pass
+``torch.library.opcheck`` and trace under ``torch.compile``. ``backend="auto"`` picks ``cuda``
+then ``triton`` on CUDA tensors (a default awaiting GPU measurement in ``benchmarks/bench_byol.py``)
+and ``cpp`` then ``torch`` on CPU tensors.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import reference
+from ._backends import BackendUnavailableError, extension, resolve_backend
+from ._validation import check_float_tensor, check_same_device, check_same_shape
+
+SUPPORTED_BACKENDS = ("torch", "cpp", "cuda", "triton")
+AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+@dataclass(frozen=True)
+class _RowOps:
+    fwd: Callable[..., Tensor]
+    bwd: Callable[..., tuple[Tensor, Tensor]]
+    hvp: Callable[..., tuple[Tensor, Tensor, Tensor]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared autograd formulas and fake kernels (one definition for the C++/CUDA and Triton op sets)
+# ---------------------------------------------------------------------------------------------
+
+
+def _fake_fwd(p: Tensor, t: Tensor) -> Tensor:
+    return p.new_empty(p.shape[0])
+
+
+def _fake_bwd(grad: Tensor, p: Tensor, t: Tensor, t_grad: bool) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(p), (torch.empty_like(t) if t_grad else p.new_empty(0))
+
+
+def _fake_hvp(
+    grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Optional[Tensor], t_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return p.new_empty(p.shape[0]), torch.empty_like(p), (torch.empty_like(t) if t_grad else p.new_empty(0))
+
+
+def _register_autograd(name: str, ops_getter: Callable[[], _RowOps], lib: Optional[torch.library.Library]) -> None:
+    """Autograd of ``{name}_fwd/bwd/hvp``: fwd's backward is bwd, bwd's backward is hvp."""
+
+    def fwd_setup(ctx, inputs, output):
+        p, t = inputs
+        ctx.save_for_backward(p, t)
+
+    def fwd_backward(ctx, grad):
+        p, t = ctx.saved_tensors
+        t_grad = ctx.needs_input_grad[1]
+        dp, dt = ops_getter().bwd(grad.contiguous(), p, t, t_grad)
+        return dp, (dt if t_grad else None)
+
+    def bwd_setup(ctx, inputs, output):
+        grad, p, t, t_grad = inputs
+        ctx.save_for_backward(grad, p, t)
+        ctx.t_grad = t_grad
+
+    def bwd_backward(ctx, gdp, gdt):
+        grad, p, t = ctx.saved_tensors
+        # Cotangents of outputs that did not reach the differentiated value arrive as None.
+        wp = torch.zeros_like(p) if gdp is None else gdp.contiguous()
+        wt = gdt.contiguous() if (ctx.t_grad and gdt is not None and gdt.numel() > 0) else None
+        t_grad = ctx.needs_input_grad[2]
+        dgrad, dp, dt = ops_getter().hvp(grad, p, t, wp, wt, t_grad)
+        return dgrad, dp, (dt if t_grad else None), None
+
+    def hvp_setup(ctx, inputs, output):
+        pass
+
+    def hvp_backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{name}_hvp is not differentiable: third derivatives of the BYOL loss are not implemented "
+            "(use backend='torch' for them)"
+        )
+
+    torch.library.register_autograd(f"bissl_fast::{name}_fwd", fwd_backward, setup_context=fwd_setup, lib=lib)
+    torch.library.register_autograd(f"bissl_fast::{name}_bwd", bwd_backward, setup_context=bwd_setup, lib=lib)
+    torch.library.register_autograd(f"bissl_fast::{name}_hvp", hvp_backward, setup_context=hvp_setup, lib=lib)
+
+
+# ---------------------------------------------------------------------------------------------
+# C++ / CUDA op set: schemas and kernels live in the extension; fake + autograd registered here
+# ---------------------------------------------------------------------------------------------
+
+_lock = threading.Lock()
+_cpp_ops: Optional[_RowOps] = None
+
+
+def cpp_ops() -> _RowOps:
+    """The extension's ``torch.ops.bissl_fast.byol_{fwd,bwd,hvp}``, with fake and autograd kernels registered."""
+    global _cpp_ops
+    if _cpp_ops is None:
+        with _lock:
+            if _cpp_ops is None:
+                extension()
+                ns = torch.ops.bissl_fast
+                torch.library.register_fake("bissl_fast::byol_fwd", _fake_fwd)
+                torch.library.register_fake("bissl_fast::byol_bwd", _fake_bwd)
+                torch.library.register_fake("bissl_fast::byol_hvp", _fake_hvp)
+                ops = _RowOps(ns.byol_fwd.default, ns.byol_bwd.default, ns.byol_hvp.default)
+                _register_autograd("byol", lambda: ops, None)
+                _cpp_ops = ops
+    return _cpp_ops
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton op set: Python custom ops (triton is imported only when a kernel launches)
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_kernels():
+    from .kernels import byol_triton
+
+    return byol_triton
+
+
+@torch.library.custom_op("bissl_fast::byol_triton_fwd", mutates_args=())
+def _triton_fwd(p: Tensor, t: Tensor) -> Tensor:
+    return _triton_kernels().fwd(p.contiguous(), t.contiguous())
+
+
+@torch.library.custom_op("bissl_fast::byol_triton_bwd", mutates_args=())
+def _triton_bwd(grad: Tensor, p: Tensor, t: Tensor, t_grad: bool) -> tuple[Tensor, Tensor]:
+    return _triton_kernels().bwd(grad.contiguous(), p.contiguous(), t.contiguous(), t_grad)
+
+
+@torch.library.custom_op("bissl_fast::byol_triton_hvp", mutates_args=())
+def _triton_hvp(
+    grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Optional[Tensor], t_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton_kernels().hvp(
+        grad.contiguous(), p.contiguous(), t.contiguous(), wp.contiguous(),
+        None if wt is None else wt.contiguous(), t_grad,
+    )
+
+
+_triton_fwd.register_fake(_fake_fwd)
+_triton_bwd.register_fake(_fake_bwd)
+_triton_hvp.register_fake(_fake_hvp)
+TRITON_OPS = _RowOps(_triton_fwd, _triton_bwd, _triton_hvp)
+_register_autograd("byol_triton", lambda: TRITON_OPS, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_pairs(**tensors: Tensor) -> torch.device:
+    for name, t in tensors.items():
+        check_float_tensor(name, t, ndim=2)
+    check_same_shape(**tensors)
+    device = check_same_device(**tensors)
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) != 1:
+        raise TypeError(f"all inputs must share one dtype, got {dtypes}")
+    return device
+
+
+def _resolve(backend: str, device: torch.device) -> str:
+    name = resolve_backend(backend, device, SUPPORTED_BACKENDS, AUTO_ORDER)
+    if name == "cpp" and device.type != "cpu":
+        raise BackendUnavailableError(
+            f"backend 'cpp' is the CPU kernel; for {device.type} tensors use backend='cuda' or 'triton'"
+        )
+    return name
+
+
+def _row_ops(name: str) -> _RowOps:
+    return TRITON_OPS if name == "triton" else cpp_ops()
+
+
+class BYOLLossFunction(torch.autograd.Function):
+    """Symmetric BYOL loss on the fused row ops, one autograd node for both pairs.
+
+    ``BYOLLossFunction.apply(p1, p2, t1, t2, backend)`` with ``backend`` in ``{"cpp", "cuda", "triton"}``
+    (already resolved; :func:`byol_loss` validates and resolves). Inputs ``[B, D]``, returns a scalar.
+    The backward calls ``byol_bwd``, whose registered autograd is ``byol_hvp``, so double backward
+    (``create_graph=True``) works, including the cross terms when a target requires grad.
+    """
+
+    @staticmethod
+    def forward(ctx, p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
+        ops = _row_ops(backend)
+        ctx.backend = backend
+        ctx.save_for_backward(p1, p2, t1, t2)
+        return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p1, p2, t1, t2 = ctx.saved_tensors
+        ops = _row_ops(ctx.backend)
+        b = p1.shape[0]
+        # d mean / d row = 1/B for every row of both pairs.
+        g = (grad / b).to(p1.dtype).expand(b).contiguous()
+        need_t1, need_t2 = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dp1, dt2 = ops.bwd(g, p1, t2, need_t2)
+        dp2, dt1 = ops.bwd(g, p2, t1, need_t1)
+        return dp1, dp2, (dt1 if need_t1 else None), (dt2 if need_t2 else None), None
+
+
+def normalized_regression(p: Tensor, t: Tensor, backend: str = "auto") -> Tensor:
+    """Per-row BYOL regression loss ``2 - 2 cos(p_b, t_b)``.
+
+    Args:
+        p: predictions ``[B, D]`` (float32/float64/bfloat16/float16).
+        t: targets ``[B, D]``, same dtype and device; gets a gradient only if it requires grad.
+        backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"``.
+
+    Returns:
+        ``[B]`` per-row losses, dtype of ``p``. Differentiable twice on every backend.
+    """
+    device = _check_pairs(p=p, t=t)
+    name = _resolve(backend, device)
+    if name == "torch":
+        return reference.normalized_regression(p, t)
+    return _row_ops(name).fwd(p, t)
+
+
+def byol_loss(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str = "auto") -> Tensor:
+    """Symmetric BYOL loss ``mean_b[(2 - 2 cos(p1_b, t2_b)) + (2 - 2 cos(p2_b, t1_b))]``.
+
+    Args:
+        p1, p2: online predictions of the two views, ``[B, D]``.
+        t1, t2: target projections of the two views, ``[B, D]``; normally detached, a target that
+            requires grad receives the symmetric gradient.
+        backend: ``"auto" | "torch" | "cpp" | "cuda" | "triton"``.
+
+    Returns:
+        A scalar of the inputs' dtype; supports backward and double backward.
+    """
+    device = _check_pairs(p1=p1, p2=p2, t1=t1, t2=t2)
+    name = _resolve(backend, device)
+    if name == "torch":
+        return reference.byol_loss(p1, p2, t1, t2)
+    return BYOLLossFunction.apply(p1, p2, t1, t2, name)
+
+
+class BYOLLoss(nn.Module):
+    """``nn.Module`` drop-in for :func:`byol_loss`: ``BYOLLoss(backend)(p1, p2, t1, t2) -> scalar``."""
+
+    def __init__(self, backend: str = "auto") -> None:
+        super().__init__()
+        if backend != "auto" and backend not in SUPPORTED_BACKENDS:
+            raise ValueError(f"backend must be 'auto' or one of {SUPPORTED_BACKENDS}, got {backend!r}")
+        self.backend = backend
+
+    def forward(self, p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
+        return byol_loss(p1, p2, t1, t2, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}"
+
+
+__all__ = ["BYOLLoss", "BYOLLossFunction", "byol_loss", "normalized_regression", "cpp_ops", "SUPPORTED_BACKENDS"]

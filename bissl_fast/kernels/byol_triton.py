@@ -1,0 +1,212 @@
+"""Triton kernels of the BYOL normalized-regression row ops (DESIGN.md §2.2).
+
+Same math as ``csrc/include/bissl_fast/byol_math.h`` (see its header comment for the derivation):
+each program owns ``BLOCK_B`` rows, reduces the per-row dot products over ``D`` in ``BLOCK_D``
+chunks (fp32 accumulation for fp32/bf16/fp16 inputs, fp64 for fp64), turns them into per-row
+coefficients, and streams out the outputs as linear combinations of the input rows in a second
+pass over ``D``. Inputs are contiguous ``[B, D]``; this module imports triton, so import it only
+when a Triton kernel is about to launch.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .._alloc import empty_output
+
+NORM_EPS = 1e-12
+
+
+@triton.jit
+def _row(pp, tt, pt, EPS: tl.constexpr):
+    """(inv_np, inv_nt, a, b, c) of byol_math.h's make_row."""
+    # Correctly rounded square roots (tl.sqrt may lower to an approximate fp32 instruction);
+    # sqrt_rn is fp32-only, and fp64 sqrt is always correctly rounded.
+    if pp.dtype == tl.float64:
+        np_ = tl.sqrt(pp)
+        nt = tl.sqrt(tt)
+    else:
+        np_ = tl.sqrt_rn(pp)
+        nt = tl.sqrt_rn(tt)
+    a = tl.where(np_ >= EPS, 1.0, 0.0).to(pp.dtype)
+    b = tl.where(nt >= EPS, 1.0, 0.0).to(pp.dtype)
+    inv_np = 1.0 / tl.maximum(np_, EPS)
+    inv_nt = 1.0 / tl.maximum(nt, EPS)
+    c = pt * inv_np * inv_nt
+    return inv_np, inv_nt, a, b, c
+
+
+@triton.jit
+def _offsets(pid, d0, B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = d0 + tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < B) & (cols[None, :] < D)
+    offs = rows[:, None].to(tl.int64) * D + cols[None, :]
+    return offs, mask
+
+
+@triton.jit
+def _byol_fwd_kernel(P, T, OUT, B, D, ACC: tl.constexpr, EPS: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    pp = tl.zeros([BLOCK_B], dtype=ACC)
+    tt = tl.zeros([BLOCK_B], dtype=ACC)
+    pt = tl.zeros([BLOCK_B], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs, mask = _offsets(pid, d0, B, D, BLOCK_B, BLOCK_D)
+        x = tl.load(P + offs, mask=mask, other=0.0).to(ACC)
+        y = tl.load(T + offs, mask=mask, other=0.0).to(ACC)
+        pp += tl.sum(x * x, axis=1)
+        tt += tl.sum(y * y, axis=1)
+        pt += tl.sum(x * y, axis=1)
+    inv_np, inv_nt, a, b, c = _row(pp, tt, pt, EPS)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    tl.store(OUT + rows, (2.0 - 2.0 * c).to(OUT.dtype.element_ty), mask=rows < B)
+
+
+@triton.jit
+def _byol_bwd_kernel(G, P, T, DP, DT, B, D, T_GRAD: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    pp = tl.zeros([BLOCK_B], dtype=ACC)
+    tt = tl.zeros([BLOCK_B], dtype=ACC)
+    pt = tl.zeros([BLOCK_B], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs, mask = _offsets(pid, d0, B, D, BLOCK_B, BLOCK_D)
+        x = tl.load(P + offs, mask=mask, other=0.0).to(ACC)
+        y = tl.load(T + offs, mask=mask, other=0.0).to(ACC)
+        pp += tl.sum(x * x, axis=1)
+        tt += tl.sum(y * y, axis=1)
+        pt += tl.sum(x * y, axis=1)
+    inv_np, inv_nt, a, b, c = _row(pp, tt, pt, EPS)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    g = tl.load(G + rows, mask=rows < B, other=0.0).to(ACC)
+    # byol_math.h grad_coef: dp = k_pp p + k_pt t, dt = k_tt t + k_tp p.
+    cross = -2.0 * g * inv_np * inv_nt
+    k_pp = 2.0 * g * a * c * inv_np * inv_np
+    k_tt = 2.0 * g * b * c * inv_nt * inv_nt
+    for d0 in range(0, D, BLOCK_D):
+        offs, mask = _offsets(pid, d0, B, D, BLOCK_B, BLOCK_D)
+        x = tl.load(P + offs, mask=mask, other=0.0).to(ACC)
+        y = tl.load(T + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(DP + offs, (k_pp[:, None] * x + cross[:, None] * y).to(DP.dtype.element_ty), mask=mask)
+        if T_GRAD:
+            tl.store(DT + offs, (k_tt[:, None] * y + cross[:, None] * x).to(DT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _byol_hvp_kernel(G, P, T, WP, WT, DG, DP, DT, B, D, HAS_WT: tl.constexpr, T_GRAD: tl.constexpr,
+                     ACC: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    pp = tl.zeros([BLOCK_B], dtype=ACC)
+    tt = tl.zeros([BLOCK_B], dtype=ACC)
+    pt = tl.zeros([BLOCK_B], dtype=ACC)
+    p_wp = tl.zeros([BLOCK_B], dtype=ACC)
+    t_wp = tl.zeros([BLOCK_B], dtype=ACC)
+    p_wt = tl.zeros([BLOCK_B], dtype=ACC)
+    t_wt = tl.zeros([BLOCK_B], dtype=ACC)
+    for d0 in range(0, D, BLOCK_D):
+        offs, mask = _offsets(pid, d0, B, D, BLOCK_B, BLOCK_D)
+        x = tl.load(P + offs, mask=mask, other=0.0).to(ACC)
+        y = tl.load(T + offs, mask=mask, other=0.0).to(ACC)
+        w = tl.load(WP + offs, mask=mask, other=0.0).to(ACC)
+        pp += tl.sum(x * x, axis=1)
+        tt += tl.sum(y * y, axis=1)
+        pt += tl.sum(x * y, axis=1)
+        p_wp += tl.sum(x * w, axis=1)
+        t_wp += tl.sum(y * w, axis=1)
+        if HAS_WT:
+            z = tl.load(WT + offs, mask=mask, other=0.0).to(ACC)
+            p_wt += tl.sum(x * z, axis=1)
+            t_wt += tl.sum(y * z, axis=1)
+    ip, it, a, b, c = _row(pp, tt, pt, EPS)
+    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    g = tl.load(G + rows, mask=rows < B, other=0.0).to(ACC)
+    # byol_math.h hvp_coef, term for term.
+    u_wp = p_wp * ip
+    v_wp = t_wp * it
+    u_wt = p_wt * ip
+    v_wt = t_wt * it
+    dc = (v_wp - a * c * u_wp) * ip + (u_wt - b * c * v_wt) * it
+    s = -2.0 * g
+    tl.store(DG + rows, (-2.0 * dc).to(DG.dtype.element_ty), mask=rows < B)
+    gp_u = -a * dc * ip + 2.0 * a * c * u_wp * ip * ip
+    gp_v = -b * v_wt * it * ip - a * u_wp * ip * ip
+    k_p_wp = s * (-a * c * ip * ip)
+    k_p_wt = s * (ip * it)
+    k_p_p = s * gp_u * ip
+    k_p_t = s * gp_v * it
+    gt_v = -b * dc * it + 2.0 * b * c * v_wt * it * it
+    gt_u = -a * u_wp * ip * it - b * v_wt * it * it
+    k_t_wt = s * (-b * c * it * it)
+    k_t_wp = s * (ip * it)
+    k_t_t = s * gt_v * it
+    k_t_p = s * gt_u * ip
+    for d0 in range(0, D, BLOCK_D):
+        offs, mask = _offsets(pid, d0, B, D, BLOCK_B, BLOCK_D)
+        x = tl.load(P + offs, mask=mask, other=0.0).to(ACC)
+        y = tl.load(T + offs, mask=mask, other=0.0).to(ACC)
+        w = tl.load(WP + offs, mask=mask, other=0.0).to(ACC)
+        dp = k_p_p[:, None] * x + k_p_t[:, None] * y + k_p_wp[:, None] * w
+        dt = k_t_p[:, None] * x + k_t_t[:, None] * y + k_t_wp[:, None] * w
+        if HAS_WT:
+            z = tl.load(WT + offs, mask=mask, other=0.0).to(ACC)
+            dp += k_p_wt[:, None] * z
+            dt += k_t_wt[:, None] * z
+        tl.store(DP + offs, dp.to(DP.dtype.element_ty), mask=mask)
+        if T_GRAD:
+            tl.store(DT + offs, dt.to(DT.dtype.element_ty), mask=mask)
+
+
+def _config(b: int, d: int) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_D, num_warps): chunks of at most 4096 elements, rows packed when D is small."""
+    block_d = min(triton.next_power_of_2(d), 1024)
+    block_b = max(1, min(triton.next_power_of_2(b), 4096 // block_d))
+    num_warps = 4 if block_b * block_d <= 2048 else 8
+    return block_b, block_d, num_warps
+
+
+def _acc(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def fwd(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Per-row ``2 - 2 cos(p_b, t_b)``: ``p, t`` contiguous ``[B, D]`` -> ``[B]``."""
+    b, d = p.shape
+    out = empty_output(b, dtype=p.dtype, device=p.device)
+    block_b, block_d, warps = _config(b, d)
+    _byol_fwd_kernel[(triton.cdiv(b, block_b),)](
+        p, t, out, b, d, ACC=_acc(p.dtype), EPS=NORM_EPS, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps
+    )
+    return out
+
+
+def bwd(grad: torch.Tensor, p: torch.Tensor, t: torch.Tensor, t_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``sum_b grad_b (2 - 2 cos(p_b, t_b))``: ``(dp [B, D], dt [B, D] or [0] unless t_grad)``."""
+    b, d = p.shape
+    dp = empty_output(b, d, dtype=p.dtype, device=p.device)
+    dt = empty_output(b, d, dtype=p.dtype, device=p.device) if t_grad else empty_output(0, dtype=p.dtype, device=p.device)
+    block_b, block_d, warps = _config(b, d)
+    _byol_bwd_kernel[(triton.cdiv(b, block_b),)](
+        grad, p, t, dp, dt if t_grad else dp, b, d, T_GRAD=t_grad, ACC=_acc(p.dtype), EPS=NORM_EPS,
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
+    )
+    return dp, dt
+
+
+def hvp(
+    grad: torch.Tensor, p: torch.Tensor, t: torch.Tensor, wp: torch.Tensor, wt: torch.Tensor | None, t_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Vector-Jacobian product of :func:`bwd` with cotangents ``(wp, wt)``: ``(dgrad [B], dp, dt)``."""
+    b, d = p.shape
+    dg = empty_output(b, dtype=p.dtype, device=p.device)
+    dp = empty_output(b, d, dtype=p.dtype, device=p.device)
+    dt = empty_output(b, d, dtype=p.dtype, device=p.device) if t_grad else empty_output(0, dtype=p.dtype, device=p.device)
+    block_b, block_d, warps = _config(b, d)
+    _byol_hvp_kernel[(triton.cdiv(b, block_b),)](
+        grad, p, t, wp, wp if wt is None else wt, dg, dp, dt if t_grad else dp, b, d,
+        HAS_WT=wt is not None, T_GRAD=t_grad, ACC=_acc(p.dtype), EPS=NORM_EPS,
+        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
+    )
+    return dg, dp, dt
