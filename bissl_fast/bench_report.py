@@ -142,7 +142,13 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return written
 
 
-def run_bench(out_dir: Path, suite_dir: Path = DEFAULT_SUITE_DIR, select: str | None = None, device: str | None = None) -> int:
+def run_bench(
+    out_dir: Path,
+    suite_dir: Path = DEFAULT_SUITE_DIR,
+    select: str | None = None,
+    device: str | None = None,
+    max_time: float = 1.0,
+) -> int:
     """Run the suites (pytest-benchmark), then print and write the report; returns pytest's exit code."""
     if not suite_dir.is_dir():
         raise FileNotFoundError(
@@ -154,7 +160,8 @@ def run_bench(out_dir: Path, suite_dir: Path = DEFAULT_SUITE_DIR, select: str | 
     if device:
         env["BISSL_BENCH_DEVICE"] = device
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-save-data",
-           f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds"]
+           f"--benchmark-json={raw}", "--benchmark-columns=median,iqr,rounds",
+           f"--benchmark-max-time={max_time}", "--benchmark-min-rounds=3"]
     files = sorted(str(p) for p in suite_dir.glob("bench_*.py") if p.name != "bench_utils.py")
     if select:
         files = [f for f in files if select in Path(f).stem]

@@ -15,6 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--suite-dir", type=Path, default=None, help="folder holding bench_*.py (default: the checkout's benchmarks/)")
     bench.add_argument("--select", default=None, help="only suites whose file stem contains this string")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark (pytest-benchmark max_time)")
     sub.add_parser("demo", help="pretext pretraining -> BiSSL -> fine-tuning on a real dataset", add_help=False)
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
@@ -23,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from .bench_report import DEFAULT_SUITE_DIR, run_bench
 
-    return run_bench(args.out, args.suite_dir or DEFAULT_SUITE_DIR, args.select, args.device)
+    return run_bench(args.out, args.suite_dir or DEFAULT_SUITE_DIR, args.select, args.device, args.max_time)
 
 
 if __name__ == "__main__":

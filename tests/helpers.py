@@ -34,3 +34,33 @@ def mlp_hvp(loss_of_embeddings: Callable[[torch.Tensor], torch.Tensor], x: torch
     loss = loss_of_embeddings(emb) + 0.1 * (emb ** 2).mean()
     grads = torch.autograd.grad(loss, params, create_graph=True)
     return torch.autograd.grad(grads, params, vec)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _distributed_entry(rank: int, world_size: int, port: int, fn, args) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=__import__("datetime").timedelta(seconds=60))
+    try:
+        fn(rank, world_size, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, *args, world_size: int = 2) -> None:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes joined by a gloo group.
+
+    ``fn`` must be a module-level function (it is pickled); it asserts inside and may write results
+    to files under a tmp path passed in ``args``. A failure in any process fails the caller.
+    """
+    import torch.multiprocessing as mp
+
+    mp.spawn(_distributed_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)

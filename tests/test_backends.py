@@ -1,0 +1,117 @@
+"""Backend registry, import hygiene, and the benchmark report pipeline."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bissl_fast
+from bissl_fast._backends import BackendUnavailableError, resolve_backend
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def test_import_probes_nothing():
+    code = (
+        "import sys, bissl_fast; "
+        "assert 'triton' not in sys.modules, 'triton imported at package import'; "
+        "assert 'bissl_fast._C' not in sys.modules, 'extension imported at package import'; "
+        "import torch; assert not torch.cuda.is_initialized()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_backends_reports_every_backend_with_reasons():
+    available = bissl_fast.backends()
+    assert set(available) == {"torch", "cpp", "triton", "cuda"}
+    assert available["torch"] is True
+    reasons = bissl_fast.backend_reasons()
+    assert set(reasons) == {name for name, ok in available.items() if not ok}
+    assert all(isinstance(r, str) and r for r in reasons.values())
+    if not torch.cuda.is_available():
+        assert not available["cuda"]
+
+
+def test_resolve_backend_auto_and_explicit():
+    cpu = torch.device("cpu")
+    order = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
+    expected_auto = "cpp" if bissl_fast.backends()["cpp"] else "torch"
+    assert resolve_backend("auto", cpu, ("torch", "cpp"), order) == expected_auto
+    assert resolve_backend("torch", cpu, ("torch", "cpp"), order) == "torch"
+    with pytest.raises(BackendUnavailableError, match="no 'triton' backend"):
+        resolve_backend("triton", cpu, ("torch",), order)
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        resolve_backend("cuda", cpu, ("torch", "cuda"), order)
+    with pytest.raises(ValueError, match="backend must be"):
+        resolve_backend("fast", cpu, ("torch",), order)
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    if os.environ.get("TRITON_INTERPRET") == "1" or not bissl_fast.backends()["triton"] and "not importable" in bissl_fast.backend_reasons().get("triton", ""):
+        pytest.skip("only meaningful without the interpreter and with triton installed")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
+        resolve_backend("triton", torch.device("cpu"), ("torch", "triton"), {})
+
+
+def test_unknown_attribute_raises():
+    with pytest.raises(AttributeError):
+        bissl_fast.does_not_exist  # noqa: B018
+
+
+def test_bench_report_summarizes_pytest_benchmark_json(tmp_path):
+    from bissl_fast.bench_report import markdown_table, plot, summarize
+
+    fake = {
+        "benchmarks": [
+            {"name": f"t[{p}]", "group": None, "stats": {"median": m, "data": [m * 0.9, m, m * 1.1]},
+             "extra_info": {"op": "nt_xent", "provider": p, "mode": "fwd", "size": {"N": 8, "D": 4},
+                            "dtype": "float32", "peak_memory_bytes": 1000, "flops": 2e9,
+                            "speedup_vs_reference": s}}
+            for p, m, s in (("reference", 2e-3, 1.0), ("torch", 1e-3, 2.0))
+        ]
+    }
+    rows = summarize(fake, {"matmul_flops_per_s": 1e12, "copy_bytes_per_s": 1e11})
+    assert rows[1]["pct_of_floor"] == pytest.approx(100 * 2e-3 / 1e-3)
+    assert rows[0]["p20_s"] == pytest.approx(1.8e-3) and rows[0]["p80_s"] == pytest.approx(2.2e-3)
+    table = markdown_table(rows)
+    assert "| nt_xent | fwd | N=8 D=4 | float32 | torch | 1.000 |" in table and "2.00x" in table
+    assert [p.name for p in plot(rows, tmp_path)] == ["nt_xent_fwd_float32.png"]
+
+
+_TINY_SUITE = """
+import torch
+from bissl_fast import reference
+
+
+def test_tiny(benchmark_op):
+    z = torch.randn(16, 8)
+    benchmark_op(lambda t: reference.nt_xent(t, 0.5), [(z,)], op="nt_xent", provider="reference", mode="fwd",
+                 size={"N": 16, "D": 8}, dtype=torch.float32, device=torch.device("cpu"), flops=4 * 16 * 16 * 8)
+"""
+
+
+def test_bench_cli_runs_a_suite(tmp_path):
+    suite = tmp_path / "suite"
+    suite.mkdir()
+    for name in ("conftest.py", "bench_utils.py"):
+        shutil.copy(BENCH_DIR / name, suite / name)
+    (suite / "bench_tiny.py").write_text(_TINY_SUITE)
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bissl_fast.cli", "bench", "--suite-dir", str(suite), "--out", str(out),
+         "--device", "cpu", "--max-time", "0.01"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["results"]
+    assert (row["op"], row["provider"], row["speedup_vs_reference"]) == ("nt_xent", "reference", 1.0)
+    assert row["peak_memory_bytes"] > 0 and row["pct_of_floor"] > 0
+    assert "| nt_xent | fwd | N=16 D=8 | float32 | reference |" in (out / "results.md").read_text()
+    assert (out / "nt_xent_fwd_float32.png").stat().st_size > 0
