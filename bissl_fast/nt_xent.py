@@ -29,7 +29,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from ._alloc import empty_output, empty_output_like
 from ._backends import resolve_backend
@@ -181,6 +180,28 @@ def _(u, lse, c, w, inv_tau, backend, precision):
 # --------------------------------------------------------------------------------------------
 
 
+class _NTXentLseDoubleBackward(torch.autograd.Function):
+    """``(u, lse, c, w) -> (d<w, dU>/du, d<w, dU>/dc)``: the backward of :class:`_NTXentLseBackward`.
+
+    Differentiating it again (a third derivative) raises. It is an autograd Function rather than
+    an ``@once_differentiable`` backward on purpose: ``once_differentiable`` hangs its error node on
+    detached copies of the outputs, so a later ``grad`` w.r.t. the real inputs never reaches it and
+    silently drops this term instead of raising.
+    """
+
+    @staticmethod
+    def forward(ctx, u, lse, c, w, inv_tau, backend, precision):
+        grad_u, r = torch.ops.bissl_fast.nt_xent_lse_double_backward(u, lse, c, w, inv_tau, backend, precision)
+        return grad_u, r.mul_(inv_tau)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "third-order derivatives of nt_xent are not implemented (its gradient is differentiable "
+            "once, for Hessian-vector products); use bissl_fast.reference.nt_xent for higher orders"
+        )
+
+
 class _NTXentLseBackward(torch.autograd.Function):
     """``(u, lse, c) -> dU = (1/tau) (C P + P^T C) u``: the backward of :class:`NTXentFunction`.
 
@@ -197,14 +218,12 @@ class _NTXentLseBackward(torch.autograd.Function):
         return torch.ops.bissl_fast.nt_xent_lse_backward(u, lse, c, inv_tau, backend, precision)
 
     @staticmethod
-    @once_differentiable  # third derivatives are not implemented: differentiating again raises
     def backward(ctx, w):
         u, lse, c = ctx.saved_tensors
-        grad_u, r = torch.ops.bissl_fast.nt_xent_lse_double_backward(
+        grad_u, grad_c = _NTXentLseDoubleBackward.apply(
             u, lse, c, w.to(u.dtype).contiguous(), ctx.inv_tau, ctx.backend, ctx.precision
         )
-        grad_c = r.mul(ctx.inv_tau) if ctx.needs_input_grad[2] else None
-        return grad_u, None, grad_c, None, None, None
+        return grad_u, None, grad_c if ctx.needs_input_grad[2] else None, None, None, None
 
 
 class NTXentFunction(torch.autograd.Function):
@@ -316,13 +335,19 @@ def _check_precision(precision: object) -> str:
     return precision  # type: ignore[return-value]
 
 
-def _resolve(backend: str, z: torch.Tensor) -> str:
-    name = resolve_backend(backend, z.device, _SUPPORTED, _AUTO_ORDER)
-    if name == "triton" and z.dtype not in _TRITON_DTYPES:
+@torch.compiler.assume_constant_result
+def _resolve_for(backend: str, device_type: str, dtype: torch.dtype) -> str:
+    # A constant under torch.compile: it probes triton/the extension once, outside the traced graph.
+    name = resolve_backend(backend, torch.device(device_type), _SUPPORTED, _AUTO_ORDER)
+    if name == "triton" and dtype not in _TRITON_DTYPES:
         if backend == "auto":
             return "torch"
-        raise TypeError(f"backend='triton' supports z of dtype {_TRITON_DTYPES}, got {z.dtype}; use backend='torch'")
+        raise TypeError(f"backend='triton' supports z of dtype {_TRITON_DTYPES}, got {dtype}; use backend='torch'")
     return name
+
+
+def _resolve(backend: str, z: torch.Tensor) -> str:
+    return _resolve_for(backend, z.device.type, z.dtype)
 
 
 def _loss(z: torch.Tensor, tau: float, views: int, backend: str, precision: str) -> torch.Tensor:
