@@ -1,0 +1,179 @@
+// Fused multi-tensor CG vector updates (DESIGN §2.3): schemas, shared checks and CPU kernels.
+//
+//   cg_dot(a[], b[])                      -> float64 [T]     a_t . b_t
+//   cg_update(x[]!, r[]!, d[], ad[], alpha) -> float64 [T]   x_t += alpha_t d_t; r_t -= alpha_t ad_t;
+//                                                            returns the new r_t . r_t
+//   cg_direction(d[]!, r[], beta)          -> ()             d_t = r_t + beta_t d_t
+//
+// All lists hold T contiguous tensors of one floating dtype on one device, tensor t of the same
+// shape in every list; alpha and beta are float64 [T] on that device. x, r and d are written in
+// place: they are the CG solver's own buffers (bissl_fast/solver/cg.py creates them and never
+// hands them to autograd), so no autograd-tracked caller tensor is mutated. The element math and
+// the chunking live in bissl_fast/cg_math.h, shared with the CUDA kernels.
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <vector>
+
+#include "bissl_fast/cg_math.h"
+
+namespace bissl_fast {
+namespace cg {
+
+// Checks shared with the CUDA glue (csrc/cuda/cg_cuda.cpp): every list has the length, shapes,
+// dtype and device of `ref`, and is contiguous.
+void check_lists(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& lists) {
+  const at::TensorList ref = lists.front().second;
+  TORCH_CHECK(!ref.empty(), op, ": ", lists.front().first, " must hold at least one tensor");
+  const auto dtype = ref[0].scalar_type();
+  const auto device = ref[0].device();
+  TORCH_CHECK(at::isFloatingType(dtype), op, ": expected floating tensors, got ", dtype);
+  for (const auto& [name, list] : lists) {
+    TORCH_CHECK(list.size() == ref.size(), op, ": ", name, " has ", list.size(), " tensors, expected ", ref.size());
+    for (size_t t = 0; t < list.size(); ++t) {
+      TORCH_CHECK(list[t].sizes() == ref[t].sizes(), op, ": ", name, "[", t, "] has shape ", list[t].sizes(),
+                  ", expected ", ref[t].sizes());
+      TORCH_CHECK(list[t].scalar_type() == dtype, op, ": ", name, "[", t, "] has dtype ", list[t].scalar_type(),
+                  ", expected ", dtype, " (one dtype for all tensors)");
+      TORCH_CHECK(list[t].device() == device, op, ": ", name, "[", t, "] is on ", list[t].device(), ", expected ",
+                  device);
+      TORCH_CHECK(list[t].is_contiguous(), op, ": ", name, "[", t, "] must be contiguous");
+    }
+  }
+}
+
+void check_scalars(const char* op, const char* name, const at::Tensor& s, at::TensorList like) {
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == static_cast<int64_t>(like.size()), op, ": ", name,
+              " must be [T] = [", like.size(), "], got shape ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == at::kDouble, op, ": ", name, " must be float64, got ", s.scalar_type());
+  TORCH_CHECK(s.device() == like[0].device(), op, ": ", name, " must be on ", like[0].device(), ", got ",
+              s.device());
+}
+
+// chunk_starts[t] = first chunk of tensor t; chunk_starts[T] = total number of chunks.
+std::vector<int64_t> chunk_starts(at::TensorList ts) {
+  std::vector<int64_t> starts(ts.size() + 1, 0);
+  for (size_t t = 0; t < ts.size(); ++t) {
+    starts[t + 1] = starts[t] + num_chunks(ts[t].numel());
+  }
+  return starts;
+}
+
+namespace {
+
+// Per-tensor sums of the chunk partials, in chunk order (deterministic).
+at::Tensor sum_partials(const std::vector<double>& partials, const std::vector<int64_t>& starts) {
+  const int64_t T = static_cast<int64_t>(starts.size()) - 1;
+  auto out = at::empty({T}, at::TensorOptions().dtype(at::kDouble));
+  double* o = out.data_ptr<double>();
+  for (int64_t t = 0; t < T; ++t) {
+    double acc = 0.0;
+    for (int64_t c = starts[t]; c < starts[t + 1]; ++c) {
+      acc += partials[c];
+    }
+    o[t] = acc;
+  }
+  return out;
+}
+
+// Runs fn(t, begin, end, chunk) for every chunk, in parallel over chunks.
+template <typename Fn>
+void for_each_chunk(at::TensorList ref, const std::vector<int64_t>& starts, Fn&& fn) {
+  const int64_t T = static_cast<int64_t>(ref.size());
+  // 8 chunks (32K elements) per task: enough work to outweigh the scheduling cost.
+  at::parallel_for(0, starts[T], 8, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) {
+      const int64_t t = chunk_tensor(starts.data(), T, c);
+      int64_t begin, end;
+      chunk_range(starts.data(), t, c, ref[t].numel(), &begin, &end);
+      fn(t, begin, end, c);
+    }
+  });
+}
+
+at::Tensor cg_dot_cpu(at::TensorList a, at::TensorList b) {
+  check_lists("cg_dot", {{"a", a}, {"b", b}});
+  const auto starts = chunk_starts(a);
+  std::vector<double> partials(starts.back(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, a[0].scalar_type(), "cg_dot_cpu", [&] {
+    for_each_chunk(a, starts, [&](int64_t t, int64_t begin, int64_t end, int64_t c) {
+      const scalar_t* pa = a[t].const_data_ptr<scalar_t>();
+      const scalar_t* pb = b[t].const_data_ptr<scalar_t>();
+      double acc = 0.0;
+      for (int64_t i = begin; i < end; ++i) {
+        acc += static_cast<double>(pa[i]) * static_cast<double>(pb[i]);
+      }
+      partials[c] = acc;
+    });
+  });
+  return sum_partials(partials, starts);
+}
+
+at::Tensor cg_update_cpu(at::TensorList x, at::TensorList r, at::TensorList d, at::TensorList ad,
+                         const at::Tensor& alpha) {
+  check_lists("cg_update", {{"x", x}, {"r", r}, {"d", d}, {"ad", ad}});
+  check_scalars("cg_update", "alpha", alpha, x);
+  const auto starts = chunk_starts(x);
+  const auto alpha_c = alpha.contiguous();
+  const double* al = alpha_c.const_data_ptr<double>();
+  std::vector<double> partials(starts.back(), 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x[0].scalar_type(), "cg_update_cpu", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    for_each_chunk(x, starts, [&](int64_t t, int64_t begin, int64_t end, int64_t c) {
+      scalar_t* px = x[t].data_ptr<scalar_t>();
+      scalar_t* pr = r[t].data_ptr<scalar_t>();
+      const scalar_t* pd = d[t].const_data_ptr<scalar_t>();
+      const scalar_t* pad = ad[t].const_data_ptr<scalar_t>();
+      const op_t a = static_cast<op_t>(al[t]);
+      double acc = 0.0;
+      for (int64_t i = begin; i < end; ++i) {
+        op_t xi = px[i], ri = pr[i];
+        update_xr<op_t>(xi, ri, pd[i], pad[i], a);
+        px[i] = static_cast<scalar_t>(xi);
+        pr[i] = static_cast<scalar_t>(ri);
+        // r.r of the stored (rounded) value, as a separate pass over r would see it.
+        const double rs = static_cast<double>(pr[i]);
+        acc += rs * rs;
+      }
+      partials[c] = acc;
+    });
+  });
+  return sum_partials(partials, starts);
+}
+
+void cg_direction_cpu(at::TensorList d, at::TensorList r, const at::Tensor& beta) {
+  check_lists("cg_direction", {{"d", d}, {"r", r}});
+  check_scalars("cg_direction", "beta", beta, d);
+  const auto starts = chunk_starts(d);
+  const auto beta_c = beta.contiguous();
+  const double* be = beta_c.const_data_ptr<double>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, d[0].scalar_type(), "cg_direction_cpu", [&] {
+    using op_t = at::opmath_type<scalar_t>;
+    for_each_chunk(d, starts, [&](int64_t t, int64_t begin, int64_t end, int64_t) {
+      scalar_t* pd = d[t].data_ptr<scalar_t>();
+      const scalar_t* pr = r[t].const_data_ptr<scalar_t>();
+      const op_t b = static_cast<op_t>(be[t]);
+      for (int64_t i = begin; i < end; ++i) {
+        pd[i] = static_cast<scalar_t>(direction<op_t>(pr[i], pd[i], b));
+      }
+    });
+  });
+}
+
+}  // namespace
+}  // namespace cg
+}  // namespace bissl_fast
+
+TORCH_LIBRARY_FRAGMENT(bissl_fast, m) {
+  m.def("cg_dot(Tensor[] a, Tensor[] b) -> Tensor");
+  m.def("cg_update(Tensor(a!)[] x, Tensor(b!)[] r, Tensor[] d, Tensor[] ad, Tensor alpha) -> Tensor");
+  m.def("cg_direction(Tensor(a!)[] d, Tensor[] r, Tensor beta) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(bissl_fast, CPU, m) {
+  m.impl("cg_dot", &bissl_fast::cg::cg_dot_cpu);
+  m.impl("cg_update", &bissl_fast::cg::cg_update_cpu);
+  m.impl("cg_direction", &bissl_fast::cg::cg_direction_cpu);
+}

@@ -1,0 +1,134 @@
+// Torch glue of the CUDA CG vector kernels (csrc/cuda/cg_cuda.cu); compiled only in CUDA builds.
+// Validates the lists (same checks as the CPU ops), builds the device table of chunk starts,
+// sizes and data pointers (one pinned host buffer, one async copy on the current stream), and
+// calls the launchers. Schemas and semantics: csrc/cpu/cg_cpu.cpp.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/library.h>
+
+#include <utility>
+#include <vector>
+
+#include "bissl_fast/cg_math.h"
+
+namespace bissl_fast {
+namespace cg {
+
+// Defined in csrc/cpu/cg_cpu.cpp (linked into the same extension).
+void check_lists(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& lists);
+void check_scalars(const char* op, const char* name, const at::Tensor& s, at::TensorList like);
+std::vector<int64_t> chunk_starts(at::TensorList ts);
+
+// Defined in csrc/cuda/cg_cuda.cu.
+cudaError_t launch_cg_dot(int dtype, const int64_t* table, int64_t T, int64_t chunks, double* partials,
+                          unsigned int* ticket, double* out, cudaStream_t stream);
+cudaError_t launch_cg_update(int dtype, const int64_t* table, int64_t T, int64_t chunks, const double* alpha,
+                             double* partials, unsigned int* ticket, double* out, cudaStream_t stream);
+cudaError_t launch_cg_direction(int dtype, const int64_t* table, int64_t T, int64_t chunks, const double* beta,
+                                cudaStream_t stream);
+
+namespace {
+
+int dtype_code(at::ScalarType s) {
+  switch (s) {
+    case at::kFloat: return 0;
+    case at::kDouble: return 1;
+    case at::kHalf: return 2;
+    case at::kBFloat16: return 3;
+    default: break;
+  }
+  TORCH_CHECK(false, "CG kernels support float32/float64/float16/bfloat16, got ", s);
+  return -1;
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
+}
+
+// Device table (layout in cg_cuda.cu): chunk_starts[T+1], numel[T], then T pointers per list.
+at::Tensor device_table(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& starts) {
+  const int64_t T = static_cast<int64_t>(lists[0].size());
+  const int64_t words = 2 * T + 1 + static_cast<int64_t>(lists.size()) * T;
+  auto host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  int64_t* h = host.data_ptr<int64_t>();
+  for (int64_t t = 0; t <= T; ++t) h[t] = starts[t];
+  for (int64_t t = 0; t < T; ++t) h[T + 1 + t] = lists[0][t].numel();
+  for (size_t l = 0; l < lists.size(); ++l) {
+    for (int64_t t = 0; t < T; ++t) {
+      h[2 * T + 1 + static_cast<int64_t>(l) * T + t] =
+          static_cast<int64_t>(reinterpret_cast<uintptr_t>(lists[l][t].const_data_ptr()));
+    }
+  }
+  // The caching host allocator records the copy's stream, so the pinned buffer is not reused early.
+  return host.to(at::TensorOptions().device(lists[0][0].device()), /*non_blocking=*/true);
+}
+
+struct Scratch {
+  at::Tensor partials, ticket, out;
+};
+
+Scratch scratch(const at::Tensor& like, int64_t chunks, int64_t T) {
+  const auto opts = at::TensorOptions().device(like.device());
+  return {at::empty({chunks}, opts.dtype(at::kDouble)), at::empty({1}, opts.dtype(at::kInt)),
+          at::empty({T}, opts.dtype(at::kDouble))};
+}
+
+at::Tensor cg_dot_cuda(at::TensorList a, at::TensorList b) {
+  check_lists("cg_dot", {{"a", a}, {"b", b}});
+  const c10::cuda::CUDAGuard guard(a[0].device());
+  const auto starts = chunk_starts(a);
+  const int64_t T = static_cast<int64_t>(a.size()), chunks = starts.back();
+  if (chunks == 0) return at::zeros({T}, a[0].options().dtype(at::kDouble));
+  const auto table = device_table({a, b}, starts);
+  auto s = scratch(a[0], chunks, T);
+  check_launch(launch_cg_dot(dtype_code(a[0].scalar_type()), table.const_data_ptr<int64_t>(), T, chunks,
+                             s.partials.data_ptr<double>(), reinterpret_cast<unsigned int*>(s.ticket.data_ptr<int>()),
+                             s.out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()),
+               "cg_dot");
+  return s.out;
+}
+
+at::Tensor cg_update_cuda(at::TensorList x, at::TensorList r, at::TensorList d, at::TensorList ad,
+                          const at::Tensor& alpha) {
+  check_lists("cg_update", {{"x", x}, {"r", r}, {"d", d}, {"ad", ad}});
+  check_scalars("cg_update", "alpha", alpha, x);
+  const c10::cuda::CUDAGuard guard(x[0].device());
+  const auto starts = chunk_starts(x);
+  const int64_t T = static_cast<int64_t>(x.size()), chunks = starts.back();
+  if (chunks == 0) return at::zeros({T}, x[0].options().dtype(at::kDouble));
+  const auto table = device_table({x, r, d, ad}, starts);
+  const auto alpha_c = alpha.contiguous();
+  auto s = scratch(x[0], chunks, T);
+  check_launch(launch_cg_update(dtype_code(x[0].scalar_type()), table.const_data_ptr<int64_t>(), T, chunks,
+                                alpha_c.const_data_ptr<double>(), s.partials.data_ptr<double>(),
+                                reinterpret_cast<unsigned int*>(s.ticket.data_ptr<int>()), s.out.data_ptr<double>(),
+                                c10::cuda::getCurrentCUDAStream().stream()),
+               "cg_update");
+  return s.out;
+}
+
+void cg_direction_cuda(at::TensorList d, at::TensorList r, const at::Tensor& beta) {
+  check_lists("cg_direction", {{"d", d}, {"r", r}});
+  check_scalars("cg_direction", "beta", beta, d);
+  const c10::cuda::CUDAGuard guard(d[0].device());
+  const auto starts = chunk_starts(d);
+  const int64_t T = static_cast<int64_t>(d.size()), chunks = starts.back();
+  if (chunks == 0) return;
+  const auto table = device_table({d, r}, starts);
+  const auto beta_c = beta.contiguous();
+  check_launch(launch_cg_direction(dtype_code(d[0].scalar_type()), table.const_data_ptr<int64_t>(), T, chunks,
+                                   beta_c.const_data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()),
+               "cg_direction");
+}
+
+}  // namespace
+}  // namespace cg
+}  // namespace bissl_fast
+
+TORCH_LIBRARY_IMPL(bissl_fast, CUDA, m) {
+  m.impl("cg_dot", &bissl_fast::cg::cg_dot_cuda);
+  m.impl("cg_update", &bissl_fast::cg::cg_update_cuda);
+  m.impl("cg_direction", &bissl_fast::cg::cg_direction_cuda);
+}

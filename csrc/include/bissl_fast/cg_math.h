@@ -1,0 +1,75 @@
+// Element math and work decomposition of the fused multi-tensor CG vector updates (DESIGN §2.3),
+// shared by the CPU kernel (csrc/cpu/cg_cpu.cpp), the CUDA kernels (csrc/cuda/cg_cuda.cu) and the
+// C++ test (csrc/tests/test_cg_math.cpp).
+//
+// One CG iteration over T tensors (x, r, d owned by the solver, ad = A d from the matvec), with
+// per-tensor scalars alpha_t, beta_t (layerwise CG) or one shared value (global CG):
+//
+//   dAd_t   = d_t . ad_t                               (cg_dot)
+//   x_t    += alpha_t d_t,  r_t -= alpha_t ad_t,       (cg_update, one pass; also returns
+//   rr_t    = r_t . r_t                                 the new r.r per tensor)
+//   d_t     = r_t + beta_t d_t                         (cg_direction)
+//
+// The element updates are the expressions of the reference loop (x + alpha*d, r - alpha*ad,
+// r + beta*d) evaluated in the op type A (float for float/half/bfloat16 storage, double for
+// double). Dot products accumulate in double over fixed chunks of kChunk elements; the chunk
+// partials of a tensor are then summed in chunk order, so results do not depend on the number of
+// threads or blocks that ran.
+//
+// Work decomposition: every tensor is cut into ceil(numel / kChunk) chunks; chunk_starts[t] is the
+// index of tensor t's first chunk (a prefix sum, chunk_starts[T] = total chunks). A CPU task or a
+// CUDA block handles one chunk and finds its tensor by binary search over chunk_starts.
+#pragma once
+
+#include <cstdint>
+
+#include "bissl_fast/hd.h"
+
+namespace bissl_fast {
+namespace cg {
+
+// Elements per chunk: one CUDA block of 256 threads handles 16 elements per thread; on CPU a chunk
+// is one unit of parallel work (16 KiB of float32 per operand).
+constexpr int64_t kChunk = 4096;
+
+BISSL_HD int64_t num_chunks(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+// The tensor that owns global chunk `chunk`: the largest t with chunk_starts[t] <= chunk.
+// chunk_starts has T + 1 non-decreasing entries (empty tensors own no chunk).
+BISSL_HD int64_t chunk_tensor(const int64_t* chunk_starts, int64_t T, int64_t chunk) {
+  int64_t lo = 0, hi = T;  // invariant: chunk_starts[lo] <= chunk < chunk_starts[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (chunk_starts[mid] <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// Element range [begin, end) of `chunk` inside tensor t (numel elements).
+BISSL_HD void chunk_range(const int64_t* chunk_starts, int64_t t, int64_t chunk, int64_t numel, int64_t* begin,
+                          int64_t* end) {
+  *begin = (chunk - chunk_starts[t]) * kChunk;
+  const int64_t stop = *begin + kChunk;
+  *end = stop < numel ? stop : numel;
+}
+
+// x += alpha * d and r -= alpha * ad for one element; returns the updated r.
+template <typename A>
+BISSL_HD A update_xr(A& x, A& r, A d, A ad, A alpha) {
+  x = x + alpha * d;
+  r = r - alpha * ad;
+  return r;
+}
+
+// d = r + beta * d for one element.
+template <typename A>
+BISSL_HD A direction(A r, A d, A beta) {
+  return r + beta * d;
+}
+
+}  // namespace cg
+}  // namespace bissl_fast
