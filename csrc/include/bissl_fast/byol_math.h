@@ -41,16 +41,21 @@ namespace byol {
 // F.normalize's default epsilon.
 constexpr double kNormEps = 1e-12;
 
-template <typename T>
-BISSL_HD T row_sqrt(T x) {
+// Correctly rounded square roots on both sides (device: even under --use_fast_math).
+BISSL_HD float row_sqrt(float x) {
+#if defined(__CUDA_ARCH__)
+  return __fsqrt_rn(x);
+#else
   return std::sqrt(x);
-}
-#if defined(__CUDACC__)
-template <>
-__host__ __device__ __forceinline__ float row_sqrt<float>(float x) {
-  return sqrtf(x);
-}
 #endif
+}
+BISSL_HD double row_sqrt(double x) {
+#if defined(__CUDA_ARCH__)
+  return __dsqrt_rn(x);
+#else
+  return std::sqrt(x);
+#endif
+}
 
 // Per-row state derived from the three dot products p.p, t.t, p.t.
 template <typename T>

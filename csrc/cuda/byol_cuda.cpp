@@ -1,0 +1,120 @@
+// CUDA implementations of the BYOL row ops (schemas in csrc/cpu/byol_cpu.cpp): input checks,
+// output allocation and launches of the kernels in byol_cuda.cu on the current stream.
+// Compiled only in CUDA builds (setup.py adds csrc/cuda/ with -DBISSL_FAST_WITH_CUDA=1).
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <cuda_runtime.h>
+
+namespace bissl_fast {
+namespace byol_cuda {
+
+// Defined in byol_cuda.cu (a signature mismatch is a link error: the names are C++-mangled).
+enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
+cudaError_t fwd(DType dtype, const void* p, const void* t, void* out, int64_t B, int64_t D, cudaStream_t stream);
+cudaError_t bwd(DType dtype, const void* g, const void* p, const void* t, void* dp, void* dt, int64_t B, int64_t D,
+                cudaStream_t stream);
+cudaError_t hvp(DType dtype, const void* g, const void* p, const void* t, const void* wp, const void* wt, void* dg,
+                void* dp, void* dt, int64_t B, int64_t D, cudaStream_t stream);
+
+namespace {
+
+DType dtype_of(const at::Tensor& x, const char* op) {
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      return DType::kFloat;
+    case at::kDouble:
+      return DType::kDouble;
+    case at::kHalf:
+      return DType::kHalf;
+    case at::kBFloat16:
+      return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, op, ": expected float32/float64/float16/bfloat16, got ", x.scalar_type());
+  }
+}
+
+void check_rows(const at::Tensor& p, const at::Tensor& t, const char* op) {
+  TORCH_CHECK(p.dim() == 2, op, ": p must be 2-D [B, D], got shape ", p.sizes());
+  TORCH_CHECK(p.sizes() == t.sizes(), op, ": p and t must have the same shape, got ", p.sizes(), " and ",
+              t.sizes());
+  TORCH_CHECK(p.scalar_type() == t.scalar_type(), op, ": p and t must share a dtype, got ", p.scalar_type(),
+              " and ", t.scalar_type());
+  TORCH_CHECK(p.device() == t.device(), op, ": p and t must be on one device");
+}
+
+void check_like(const at::Tensor& x, const at::Tensor& p, const char* name, const char* op) {
+  TORCH_CHECK(x.sizes() == p.sizes(), op, ": ", name, " must have shape ", p.sizes(), ", got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == p.scalar_type(), op, ": ", name, " must have dtype ", p.scalar_type(), ", got ",
+              x.scalar_type());
+  TORCH_CHECK(x.device() == p.device(), op, ": ", name, " must be on ", p.device());
+}
+
+void check_grad(const at::Tensor& grad, const at::Tensor& p, const char* op) {
+  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == p.size(0), op, ": grad must be [B] = [", p.size(0), "], got ",
+              grad.sizes());
+  TORCH_CHECK(grad.scalar_type() == p.scalar_type(), op, ": grad must have dtype ", p.scalar_type(), ", got ",
+              grad.scalar_type());
+  TORCH_CHECK(grad.device() == p.device(), op, ": grad must be on ", p.device());
+}
+
+at::Tensor byol_fwd_cuda(const at::Tensor& p_in, const at::Tensor& t_in) {
+  check_rows(p_in, t_in, "byol_fwd");
+  const c10::cuda::CUDAGuard guard(p_in.device());
+  const auto p = p_in.contiguous(), t = t_in.contiguous();
+  const int64_t B = p.size(0), D = p.size(1);
+  auto out = at::empty({B}, p.options());
+  C10_CUDA_CHECK(fwd(dtype_of(p, "byol_fwd"), p.const_data_ptr(), t.const_data_ptr(), out.mutable_data_ptr(), B, D,
+                     c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> byol_bwd_cuda(const at::Tensor& grad_in, const at::Tensor& p_in,
+                                                 const at::Tensor& t_in, bool t_grad) {
+  check_rows(p_in, t_in, "byol_bwd");
+  check_grad(grad_in, p_in, "byol_bwd");
+  const c10::cuda::CUDAGuard guard(p_in.device());
+  const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous();
+  const int64_t B = p.size(0), D = p.size(1);
+  auto dp = at::empty_like(p);
+  auto dt = t_grad ? at::empty_like(t) : at::empty({0}, p.options());
+  C10_CUDA_CHECK(bwd(dtype_of(p, "byol_bwd"), grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
+                     dp.mutable_data_ptr(), t_grad ? dt.mutable_data_ptr() : nullptr, B, D,
+                     c10::cuda::getCurrentCUDAStream()));
+  return {dp, dt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cuda(const at::Tensor& grad_in, const at::Tensor& p_in,
+                                                             const at::Tensor& t_in, const at::Tensor& wp_in,
+                                                             const std::optional<at::Tensor>& wt_opt, bool t_grad) {
+  check_rows(p_in, t_in, "byol_hvp");
+  check_grad(grad_in, p_in, "byol_hvp");
+  check_like(wp_in, p_in, "wp", "byol_hvp");
+  if (wt_opt.has_value()) check_like(*wt_opt, p_in, "wt", "byol_hvp");
+  const c10::cuda::CUDAGuard guard(p_in.device());
+  const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous(), wp = wp_in.contiguous();
+  const at::Tensor wt = wt_opt.has_value() ? wt_opt->contiguous() : at::Tensor();
+  const int64_t B = p.size(0), D = p.size(1);
+  auto dgrad = at::empty({B}, p.options());
+  auto dp = at::empty_like(p);
+  auto dt = t_grad ? at::empty_like(t) : at::empty({0}, p.options());
+  C10_CUDA_CHECK(hvp(dtype_of(p, "byol_hvp"), grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
+                     wp.const_data_ptr(), wt.defined() ? wt.const_data_ptr() : nullptr, dgrad.mutable_data_ptr(),
+                     dp.mutable_data_ptr(), t_grad ? dt.mutable_data_ptr() : nullptr, B, D,
+                     c10::cuda::getCurrentCUDAStream()));
+  return {dgrad, dp, dt};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(bissl_fast, CUDA, m) {
+  m.impl("byol_fwd", &byol_fwd_cuda);
+  m.impl("byol_bwd", &byol_bwd_cuda);
+  m.impl("byol_hvp", &byol_hvp_cuda);
+}
+
+}  // namespace byol_cuda
+}  // namespace bissl_fast
