@@ -184,17 +184,28 @@ def _check_pairs(**tensors: Tensor) -> torch.device:
     return device
 
 
+@torch.compiler.assume_constant_result
 def _resolve(backend: str, device: torch.device) -> str:
+    """The backend name for ``device``; registers the C++ ops' fake/autograd kernels on first use.
+
+    Evaluated once at trace time under ``torch.compile`` (it probes the environment, which dynamo
+    must not trace).
+    """
     name = resolve_backend(backend, device, SUPPORTED_BACKENDS, AUTO_ORDER)
     if name == "cpp" and device.type != "cpu":
         raise BackendUnavailableError(
             f"backend 'cpp' is the CPU kernel; for {device.type} tensors use backend='cuda' or 'triton'"
         )
+    if name in ("cpp", "cuda"):
+        cpp_ops()
     return name
 
 
 def _row_ops(name: str) -> _RowOps:
-    return TRITON_OPS if name == "triton" else cpp_ops()
+    if name == "triton":
+        return TRITON_OPS
+    # _resolve registered them already on the public paths; BYOLLossFunction.apply may come first.
+    return _cpp_ops if _cpp_ops is not None else cpp_ops()
 
 
 class BYOLLossFunction(torch.autograd.Function):
