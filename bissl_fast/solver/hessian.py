@@ -86,7 +86,10 @@ class HessianOperator:
         recompute: ``rev-rev`` only: rebuild the forward + gradient graph for every product
             (the paper's behaviour; the baseline).
         module: the ``nn.Module`` whose parameters include every tensor of ``params``;
-            required for ``"fwd-rev"``, where ``loss_fn`` must call it (directly or nested).
+            required for ``"fwd-rev"``. It must contain every network ``loss_fn`` runs that has
+            train-mode BatchNorm layers (for BYOL also the target network, e.g.
+            ``nn.ModuleList([online, target])``): their running-stat updates are switched off
+            during the products, and any other in-place update is not allowed inside ``jvp``.
         average_over_ranks: average every product over torch.distributed ranks (one bucketed
             all-reduce per product). ``None``: whenever a multi-rank group is initialized.
 
@@ -273,8 +276,9 @@ class HessianOperator:
 
     def _fwd_rev(self, v: Tensors) -> Tensors:
         primals = tuple(p.detach() for p in self._params)
-        with _batch_stats_without_tracking(self._wrapper.module), torch.enable_grad():
-            _, hv = torch.func.jvp(self._grad_fn(), primals, tuple(v))
+        grad_fn = self._grad_fn()
+        with self._functional_context():
+            _, hv = torch.func.jvp(grad_fn, primals, tuple(v))
         return tuple(h.detach() for h in hv)
 
     def _fwd_rev_batched(self, vs: Tensors) -> Tensors:
@@ -284,9 +288,24 @@ class HessianOperator:
         def product(*tangents: torch.Tensor) -> Tensors:
             return torch.func.jvp(grad_fn, primals, tangents)[1]
 
-        with _batch_stats_without_tracking(self._wrapper.module), torch.enable_grad():
+        with self._functional_context():
             hv = torch.func.vmap(product)(*vs)
         return tuple(h.detach() for h in hv)
+
+    @contextlib.contextmanager
+    def _functional_context(self) -> Iterator[None]:
+        try:
+            with _batch_stats_without_tracking(self._wrapper.module), torch.enable_grad():
+                yield
+        except RuntimeError as exc:
+            if "mutate a captured Tensor" not in str(exc):
+                raise
+            raise RuntimeError(
+                "fwd-rev: loss_fn mutated a tensor outside `module` inside torch.func.jvp, typically the "
+                "running statistics of a train-mode BatchNorm that is not part of `module` (e.g. BYOL's "
+                "target network); pass a module containing every network loss_fn runs, e.g. "
+                "module=nn.ModuleList([online, target])"
+            ) from exc
 
     def _average_products(self, out: Tensors) -> Tensors:
         if self._average is False or (self._average is None and not is_distributed()):
