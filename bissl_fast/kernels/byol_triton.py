@@ -29,10 +29,12 @@ def _row(pp, tt, pt, EPS: tl.constexpr):
     else:
         np_ = tl.sqrt_rn(pp)
         nt = tl.sqrt_rn(tt)
-    a = tl.where(np_ >= EPS, 1.0, 0.0).to(pp.dtype)
-    b = tl.where(nt >= EPS, 1.0, 0.0).to(pp.dtype)
-    inv_np = 1.0 / tl.maximum(np_, EPS)
-    inv_nt = 1.0 / tl.maximum(nt, EPS)
+    # eps in the accumulation dtype: a bare float constant would be rounded to fp32 first.
+    eps = tl.full(pp.shape, EPS, pp.dtype)
+    a = tl.where(np_ >= eps, 1.0, 0.0).to(pp.dtype)
+    b = tl.where(nt >= eps, 1.0, 0.0).to(pp.dtype)
+    inv_np = 1.0 / tl.maximum(np_, eps)
+    inv_nt = 1.0 / tl.maximum(nt, eps)
     c = pt * inv_np * inv_nt
     return inv_np, inv_nt, a, b, c
 
