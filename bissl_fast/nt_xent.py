@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ._alloc import empty_output, empty_output_like
 from ._backends import resolve_backend
 from ._validation import check_finite as _check_finite
-from ._validation import check_int_at_least, check_positive, parse_nt_xent_args
+from ._validation import check_float_tensor, check_int_at_least, check_positive, parse_nt_xent_args
 from .reference import NORMALIZE_EPS
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
@@ -62,7 +62,7 @@ def _row_blocks(n: int) -> Iterator[tuple[int, int]]:
 
 def _masked_logits(u: torch.Tensor, i0: int, i1: int, inv_tau: float) -> torch.Tensor:
     """Rows ``i0:i1`` of ``u u^T / tau`` with the diagonal set to -inf (excluded from every softmax)."""
-    s = torch.mm(u[i0:i1], u.T).mul_(inv_tau)
+    s = torch.mm(u[i0:i1] * inv_tau, u.T)  # scaling the [rows, D] operand saves a pass over [rows, N]
     s.diagonal(offset=i0).fill_(float("-inf"))
     return s
 
@@ -137,7 +137,7 @@ def _lse_op(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> to
     """``lse [N]`` (fp32, fp64 for fp64 ``u``) of the diagonal-masked logits ``u u^T * inv_tau``."""
     if backend == "triton":
         return _triton_kernels().lse_forward(u, inv_tau, precision)
-    return _torch_lse(u, inv_tau)
+    return _torch_lse(u.to(_acc_dtype(u.dtype)), inv_tau)
 
 
 @_lse_op.register_fake
@@ -152,7 +152,7 @@ def _lse_backward_op(
     """``d(sum_i c_i lse_i)/du = inv_tau (C P + P^T C) u``, ``[N, D]`` in ``u.dtype``."""
     if backend == "triton":
         return _triton_kernels().lse_backward(u, lse, c, inv_tau, precision)
-    return _torch_lse_backward(u, lse, c, inv_tau)
+    return _torch_lse_backward(u.to(lse.dtype), lse, c, inv_tau).to(u.dtype)
 
 
 @_lse_backward_op.register_fake
@@ -167,7 +167,8 @@ def _lse_double_backward_op(
     """For cotangent ``w`` of the backward's output: ``(d<w, dU>/du [N, D], r [N])``; ``d<w, dU>/dc = r * inv_tau``."""
     if backend == "triton":
         return _triton_kernels().lse_double_backward(u, lse, c, w, inv_tau, precision)
-    return _torch_lse_double_backward(u, lse, c, w, inv_tau)
+    grad_u, r = _torch_lse_double_backward(u.to(lse.dtype), lse, c, w.to(lse.dtype), inv_tau)
+    return grad_u.to(u.dtype), r
 
 
 @_lse_double_backward_op.register_fake
@@ -233,18 +234,24 @@ class NTXentFunction(torch.autograd.Function):
     normalization and the positive term around it with plain autograd ops. Call as
     ``NTXentFunction.apply(u, temperature, backend, precision)`` with
 
-    * ``u``: contiguous ``[N, D]`` rows (normally unit rows), fp32/fp64 on ``backend="torch"``,
-      fp32/bf16/fp16 on ``backend="triton"`` (dots accumulate in fp32);
-    * ``temperature``: float > 0; ``backend``: ``"torch"`` or ``"triton"`` (already resolved, no
-      ``"auto"``); ``precision``: ``"ieee"`` or ``"tf32"`` (fp32 dots on the Triton path).
+    * ``u``: ``[N, D]`` rows (normally unit rows), ``N >= 2``; fp32/fp64/bf16/fp16 on
+      ``backend="torch"`` (computed in fp32, fp64 for fp64), fp32/bf16/fp16 on ``backend="triton"``
+      (16-bit dots on tensor cores, fp32 accumulation);
+    * ``temperature``: float > 0; ``backend``: ``"auto"``, ``"torch"`` or ``"triton"`` (as in
+      :func:`nt_xent`); ``precision``: ``"ieee"`` or ``"tf32"`` (fp32 dots on the Triton path).
 
     Returns ``lse`` of shape ``[N]`` in fp32 (fp64 for fp64 ``u``). Its gradient is differentiable
     once more (``create_graph=True`` then a second ``grad``); memory stays O(N*D) throughout.
     """
 
     @staticmethod
-    def forward(ctx, u, temperature, backend="torch", precision="ieee"):
-        inv_tau = 1.0 / temperature
+    def forward(ctx, u, temperature, backend="auto", precision="ieee"):
+        u = check_float_tensor("u", u, ndim=2).contiguous()
+        if u.shape[0] < 2:
+            raise ValueError(f"u needs at least 2 rows (the diagonal is excluded), got shape {tuple(u.shape)}")
+        inv_tau = 1.0 / check_positive("temperature", temperature)
+        precision = _check_precision(precision)
+        backend = _resolve_for(backend, u.device.type, u.dtype)
         lse = torch.ops.bissl_fast.nt_xent_lse(u, inv_tau, backend, precision)
         ctx.save_for_backward(u, lse)
         ctx.inv_tau, ctx.backend, ctx.precision = inv_tau, backend, precision

@@ -70,6 +70,18 @@ def test_gradcheck_and_gradgradcheck_fp64(small_chunks, views):
     assert torch.autograd.gradgradcheck(f, (z,))
 
 
+def test_lse_function_half_input_on_torch_path():
+    """16-bit rows are computed in fp32 on the chunked path: fp32 lse, gradient in the input dtype."""
+    u = F.normalize(torch.randn(12, 9), dim=1)
+    lse_half = NTXentFunction.apply(u.bfloat16().requires_grad_(), 0.5, "torch")
+    lse = NTXentFunction.apply(u, 0.5, "torch")
+    assert lse_half.dtype == torch.float32
+    assert rel_err(lse_half.detach(), lse) < 1e-2
+    u16 = u.half().requires_grad_()
+    (grad,) = torch.autograd.grad(NTXentFunction.apply(u16, 0.5, "torch").sum(), u16)
+    assert grad.dtype == torch.float16
+
+
 def test_lse_function_gradgradcheck_with_weighted_rows(small_chunks):
     """Non-uniform upstream grads of ``lse`` (not only the loss's 1/N) and their own derivative."""
     u = F.normalize(torch.randn(7, 4, dtype=torch.float64), dim=1).requires_grad_()
@@ -187,6 +199,10 @@ def test_gather_without_process_group_is_plain_loss():
         (lambda: NTXentLoss(temperature=0), ValueError, "temperature"),
         (lambda: NTXentLoss(views=1), ValueError, "views"),
         (lambda: NTXentLoss(precision="x"), ValueError, "precision"),
+        (lambda: NTXentFunction.apply(torch.randn(1, 3), 0.5), ValueError, "at least 2 rows"),
+        (lambda: NTXentFunction.apply(torch.randn(4, 3), 0.0), ValueError, "temperature"),
+        (lambda: NTXentFunction.apply(torch.randn(4, 3), 0.5, "torch", "x"), ValueError, "precision"),
+        (lambda: NTXentFunction.apply(torch.randn(4), 0.5), ValueError, "2-D"),
     ],
 )
 def test_bad_input_raises(call, exc, match):
