@@ -67,7 +67,7 @@ def make_problem(kind: str, impl: str = "reference", dtype: torch.dtype = torch.
     backbone = SmallResNet(in_channels=1, widths=(8, 16))
     if kind == "simclr":
         net = PretextModel(backbone, backbone.out_dim, proj_dim=8, hidden_dim=16).to(dtype)
-        x = torch.randn(4, 1, 8, 8, dtype=dtype)  # view-major: 2 views x 2 samples
+        x = torch.randn(4, 1, 8, 8, dtype=torch.float64).to(dtype)  # view-major: 2 views x 2 samples
 
         def loss_with(fwd):
             return nt_xent(fwd(x), 0.5)
@@ -77,7 +77,7 @@ def make_problem(kind: str, impl: str = "reference", dtype: torch.dtype = torch.
         model = PretextModel(backbone, backbone.out_dim, proj_dim=8, hidden_dim=16, predictor=True).to(dtype)
         net = _Online(model)
         target = copy.deepcopy(model).requires_grad_(False)
-        x1, x2 = torch.randn(2, 2, 1, 8, 8, dtype=dtype)
+        x1, x2 = torch.randn(2, 2, 1, 8, 8, dtype=torch.float64).to(dtype)
 
         def loss_with(fwd):
             with torch.no_grad():
@@ -96,7 +96,7 @@ def make_tiny_problem(dtype: torch.dtype = torch.float64, seed: int = 0) -> Prob
     """69 parameters (MLP with train-mode BatchNorm, SimCLR loss): small enough for a dense Hessian."""
     torch.manual_seed(seed)
     net = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 4)).to(dtype)
-    x = torch.randn(8, 6, dtype=dtype)
+    x = torch.randn(8, 6, dtype=torch.float64).to(dtype)
 
     def loss_with(fwd):
         return R.nt_xent(fwd(x), 0.5)
