@@ -61,12 +61,17 @@ class Problem:
         return [b.clone() for b in self.modules.buffers()]
 
 
-def make_problem(kind: str, impl: str = "reference", dtype: torch.dtype = torch.float64, seed: int = 0) -> Problem:
+def make_problem(
+    kind: str, impl: str = "reference", dtype: torch.dtype = torch.float64, seed: int = 0, data_seed: int | None = None
+) -> Problem:
+    """``seed`` fixes the weights; ``data_seed`` (default: the same stream) the batch."""
     torch.manual_seed(seed)
     nt_xent, byol_loss = _losses(impl)
     backbone = SmallResNet(in_channels=1, widths=(8, 16))
     if kind == "simclr":
         net = PretextModel(backbone, backbone.out_dim, proj_dim=8, hidden_dim=16).to(dtype)
+        if data_seed is not None:
+            torch.manual_seed(data_seed)
         x = torch.randn(4, 1, 8, 8, dtype=torch.float64).to(dtype)  # view-major: 2 views x 2 samples
 
         def loss_with(fwd):
@@ -77,6 +82,8 @@ def make_problem(kind: str, impl: str = "reference", dtype: torch.dtype = torch.
         model = PretextModel(backbone, backbone.out_dim, proj_dim=8, hidden_dim=16, predictor=True).to(dtype)
         net = _Online(model)
         target = copy.deepcopy(model).requires_grad_(False)
+        if data_seed is not None:
+            torch.manual_seed(data_seed)
         x1, x2 = torch.randn(2, 2, 1, 8, 8, dtype=torch.float64).to(dtype)
 
         def loss_with(fwd):
