@@ -23,17 +23,22 @@ run eagerly.)
 """
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ._alloc import empty_output, empty_output_like
 from ._backends import resolve_backend
 from ._validation import check_finite as _check_finite
-from ._validation import check_float_tensor, check_int_at_least, check_positive, parse_nt_xent_args
+from ._validation import (
+    check_float_tensor,
+    check_int_at_least,
+    check_positive,
+    parse_nt_xent_args,
+)
 from .reference import NORMALIZE_EPS
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]

@@ -65,7 +65,9 @@ def _worker(rank: int, port: int) -> None:
                 return nt_xent(z, temperature=tau, views=views, backend="torch", gather=True)
 
             loss, grad, hvp = _grad_and_hvp(loss_fn, z_global[rows], v_global[rows])
-            ref = _grad_and_hvp(lambda z: reference.nt_xent(z, temperature=tau, views=views), z_global, v_global)
+            ref = _grad_and_hvp(
+                lambda z, views=views, tau=tau: reference.nt_xent(z, temperature=tau, views=views), z_global, v_global
+            )
             assert rel_err(loss, ref[0]) < 1e-12, (rank, views, "loss")
             assert rel_err(grad, WORLD * ref[1][rows]) < 1e-12, (rank, views, "grad")
             assert rel_err(hvp, WORLD * ref[2][rows]) < 1e-12, (rank, views, "hvp")

@@ -15,6 +15,10 @@ from helpers import mlp_hvp, rel_err
 from bissl_fast import reference
 from bissl_fast.nt_xent import NTXentFunction, nt_xent
 
+triton = pytest.importorskip("triton")
+tl = triton.language
+from bissl_fast.kernels.nt_xent_triton import _dot_options, _pv_dot
+
 pytestmark = [
     pytest.mark.triton,
     # Raised inside triton's interpreter for every runtime loop bound; not ours to fix.
@@ -23,6 +27,15 @@ pytestmark = [
 
 ntx = importlib.import_module("bissl_fast.nt_xent")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@triton.jit
+def _pv_probe(p_ptr, v_ptr, out_ptr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PV_BF16: tl.constexpr):
+    """One 16 x 16 probability-value product through the kernels' ``_pv_dot``."""
+    idx = tl.arange(0, 16)[:, None] * 16 + tl.arange(0, 16)[None, :]
+    acc = tl.zeros((16, 16), dtype=tl.float32)
+    acc = _pv_dot(tl.load(p_ptr + idx), tl.load(v_ptr + idx), acc, PRECISION, UPCAST, PV_BF16)
+    tl.store(out_ptr + idx, acc)
 
 
 @pytest.fixture
@@ -98,6 +111,17 @@ def test_kernels_match_chunked_path_with_weighted_rows():
     assert rel_err(r, r64) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tiny_probability_weights_survive_16_bit_products(dtype):
+    """``c_i P_ij`` is ~1/N^2 for the loss (c = 1/N, P ~ 1/N): ~1e-9 at N = 32768, below fp16's
+    smallest subnormal (6e-8). The probability-value products must not flush it to zero."""
+    p = 1e-9 * torch.rand(16, 16, device=DEVICE)
+    v = torch.randn(16, 16, device=DEVICE).to(dtype)
+    out = torch.empty(16, 16, device=DEVICE)
+    _pv_probe[(1,)](p, v, out, **_dot_options("ieee", dtype, pv=True))
+    assert rel_err(out, p.double() @ v.double()) < 1e-2
+
+
 def test_lse_function_double_backward_wrt_weights(kernel_calls):
     """Gradient of the backward w.r.t. the upstream ``lse`` grad (``grad_c = r / tau``) on Triton."""
     u = F.normalize(torch.randn(18, 7, device=DEVICE), dim=1).requires_grad_()
@@ -130,3 +154,21 @@ def test_huge_and_tiny_norm_rows(kernel_calls):
 def test_triton_rejects_float64():
     with pytest.raises(TypeError, match="backend='triton' supports"):
         nt_xent(torch.randn(8, 4, dtype=torch.float64, device=DEVICE), backend="triton")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "dtype,precision,tol",
+    [(torch.float32, "ieee", 1e-5), (torch.float32, "tf32", 3e-4), (torch.bfloat16, "ieee", 1e-2),
+     (torch.float16, "ieee", 1e-2)],
+)
+def test_large_batch_on_gpu(kernel_calls, dtype, precision, tol):
+    """N = 8192: tiles of the GPU autotune configs, probabilities ~1/N, fp64 reference on the GPU."""
+    n, d = 8192, 128
+    z = torch.randn(n, d, device="cuda").to(dtype)
+    g, v = torch.tensor(1.0, device="cuda"), torch.randn(n, d, device="cuda").to(dtype)
+    out = _grad_and_hvp(lambda x: nt_xent(x, temperature=0.1, backend="triton", precision=precision), z, g, v)
+    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.1), z.double(), g.double(), v.double())
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < tol
+    assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}

@@ -66,6 +66,19 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _pv_dot(p, v, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PV_BF16: tl.constexpr):
+    """``acc + p @ v`` for a probability-weight tile ``p`` (fp32) and a value tile ``v`` (rows of U or W).
+
+    With 16-bit inputs ``p`` goes to the tensor cores in 16 bits. Its entries are ``c_i P_ij``, of
+    order ``1/N^2`` for the loss (``c = 1/N``), far below fp16's smallest subnormal (6e-8) at
+    large ``N``, so for fp16 and bf16 inputs the product runs in bf16 (fp32's exponent range).
+    """
+    if PV_BF16:
+        return _dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc, PRECISION, UPCAST)
+    return _dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+
+
+@triton.jit
 def _scores(u_ptr, stride, rows, cols, row_ok, col_ok, D, inv_tau,
             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
@@ -141,7 +154,8 @@ def _probabilities(s, rows, cols, row_ok, col_ok, lse_ptr, c_ptr):
 @triton.jit
 def _lse_bwd_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_tau,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    PV_BF16: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -155,7 +169,7 @@ def _lse_bwd_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_tau,
         p_row, p_col, c_r, c_c = _probabilities(s, rows, cols, row_ok, col_ok, lse_ptr, c_ptr)
         a = c_r[:, None] * p_row + c_c[None, :] * p_col
         u_cols = tl.load(u_ptr + cols[:, None] * stride + ds[None, :], mask=col_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = _dot(a.to(u_cols.dtype), u_cols, acc, PRECISION, UPCAST)
+        acc = _pv_dot(a, u_cols, acc, PRECISION, UPCAST, PV_BF16)
     out = acc * inv_tau
     tl.store(out_ptr + rows[:, None] * stride + ds[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
@@ -174,7 +188,8 @@ def _lse_bwd_bwd_r_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau,
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        s, q = _cross_scores(u_ptr, w_ptr, stride, rows, cols, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        s, q = _cross_scores(u_ptr, w_ptr, stride, rows, cols, row_ok, col_ok, D,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         valid = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
         p_row = tl.where(valid, tl.exp(s * inv_tau - lse_r[:, None]), 0.0)
         r += tl.sum(p_row * q, axis=1)
@@ -185,33 +200,34 @@ def _lse_bwd_bwd_r_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau,
 @triton.jit
 def _lse_bwd_bwd_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stride, inv_tau,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+                        BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                    PV_BF16: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     ds = tl.program_id(1) * BLOCK_DO + tl.arange(0, BLOCK_DO)
     d_ok = ds < D
     r_r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
-    acc_w = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
+    # One accumulator for both products (scales folded into the tiles) halves the registers.
+    acc = tl.zeros((BLOCK_M, BLOCK_DO), dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        s, q = _cross_scores(u_ptr, w_ptr, stride, rows, cols, row_ok, col_ok, D, BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
+        s, q = _cross_scores(u_ptr, w_ptr, stride, rows, cols, row_ok, col_ok, D,
+                             BLOCK_M, BLOCK_N, BLOCK_K, PRECISION, UPCAST)
         p_row, p_col, c_r, c_c = _probabilities(s * inv_tau, rows, cols, row_ok, col_ok, lse_ptr, c_ptr)
         r_c = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
         wp_row = c_r[:, None] * p_row
         wp_col = c_c[None, :] * p_col
-        # A = C P + P^T C multiplies W; E + E^T (E_ij = c_i P_ij (Q_ij - r_i)) multiplies U.
-        a = wp_row + wp_col
-        e = wp_row * (q - r_r[:, None]) + wp_col * (q - r_c[None, :])
+        # A = C P + P^T C multiplies W / tau; E + E^T (E_ij = c_i P_ij (Q_ij - r_i)) multiplies U / tau^2.
+        a = (wp_row + wp_col) * inv_tau
+        e = (wp_row * (q - r_r[:, None]) + wp_col * (q - r_c[None, :])) * (inv_tau * inv_tau)
         cmask = col_ok[:, None] & d_ok[None, :]
         w_cols = tl.load(w_ptr + cols[:, None] * stride + ds[None, :], mask=cmask, other=0.0)
         u_cols = tl.load(u_ptr + cols[:, None] * stride + ds[None, :], mask=cmask, other=0.0)
-        acc_w = _dot(a.to(w_cols.dtype), w_cols, acc_w, PRECISION, UPCAST)
-        acc_u = _dot(e.to(u_cols.dtype), u_cols, acc_u, PRECISION, UPCAST)
-    out = acc_w * inv_tau + acc_u * (inv_tau * inv_tau)
-    tl.store(out_ptr + rows[:, None] * stride + ds[None, :], out.to(out_ptr.dtype.element_ty),
+        acc = _pv_dot(a, w_cols, acc, PRECISION, UPCAST, PV_BF16)
+        acc = _pv_dot(e, u_cols, acc, PRECISION, UPCAST, PV_BF16)
+    tl.store(out_ptr + rows[:, None] * stride + ds[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -221,12 +237,17 @@ def _block_sizes(d: int) -> tuple[int, int]:
     return min(padded, 64), min(padded, 256)
 
 
-def _dot_options(precision: str, dtype: torch.dtype) -> dict[str, object]:
-    # input_precision only changes fp32 dots; 16-bit inputs always use their tensor-core path.
-    return {
+def _dot_options(precision: str, dtype: torch.dtype, pv: bool = False) -> dict[str, object]:
+    """Constexpr options of the dots; ``pv`` adds ``PV_BF16`` for kernels with probability-value products."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    options: dict[str, object] = {
+        # input_precision only changes fp32 dots; 16-bit inputs always use their tensor-core path.
         "PRECISION": precision if dtype == torch.float32 else "ieee",
-        "UPCAST": triton_interpret_mode() and dtype == torch.bfloat16,
+        "UPCAST": triton_interpret_mode() and (dtype == torch.bfloat16 or (pv and half)),
     }
+    if pv:
+        options["PV_BF16"] = half
+    return options
 
 
 def lse_forward(u: torch.Tensor, inv_tau: float, precision: str) -> torch.Tensor:
@@ -234,7 +255,7 @@ def lse_forward(u: torch.Tensor, inv_tau: float, precision: str) -> torch.Tensor
     n, d = u.shape
     lse = empty_output(n, dtype=torch.float32, device=u.device)
     block_k, _ = _block_sizes(d)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
     _lse_fwd_kernel[grid](u, lse, n, d, u.stride(0), inv_tau, BLOCK_K=block_k,
                           **_dot_options(precision, u.dtype))
     return lse
@@ -245,9 +266,9 @@ def lse_backward(u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: f
     n, d = u.shape
     out = empty_output(n, d, dtype=u.dtype, device=u.device)
     block_k, block_do = _block_sizes(d)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do))
     _lse_bwd_kernel[grid](u, lse, c, out, n, d, u.stride(0), inv_tau, BLOCK_K=block_k, BLOCK_DO=block_do,
-                          **_dot_options(precision, u.dtype))
+                          **_dot_options(precision, u.dtype, pv=True))
     return out
 
 
@@ -259,13 +280,13 @@ def lse_double_backward(
     ``grad_c = r / tau`` is formed by the caller. ``u`` and ``w`` share dtype and are contiguous.
     """
     n, d = u.shape
-    opts = _dot_options(precision, u.dtype)
     block_k, block_do = _block_sizes(d)
     r = empty_output(n, dtype=torch.float32, device=u.device)
-    grid_r = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)  # noqa: E731
-    _lse_bwd_bwd_r_kernel[grid_r](u, w, lse, r, n, d, u.stride(0), inv_tau, BLOCK_K=block_k, **opts)
+    grid_r = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
+    _lse_bwd_bwd_r_kernel[grid_r](u, w, lse, r, n, d, u.stride(0), inv_tau, BLOCK_K=block_k,
+                                  **_dot_options(precision, u.dtype))
     out = empty_output(n, d, dtype=u.dtype, device=u.device)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do))  # noqa: E731
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do))
     _lse_bwd_bwd_kernel[grid](u, w, lse, c, r, out, n, d, u.stride(0), inv_tau, BLOCK_K=block_k,
-                              BLOCK_DO=block_do, **opts)
+                              BLOCK_DO=block_do, **_dot_options(precision, u.dtype, pv=True))
     return out, r
