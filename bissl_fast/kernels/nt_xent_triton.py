@@ -12,7 +12,9 @@ Every program owns a block of ``BLOCK_M`` rows and streams over all column tiles
 symmetric, the transposed probabilities ``P_ji = exp(s_ij - lse_j)`` are available in the same tile,
 so each output row block is written by exactly one program (no atomics, no ``N x N`` buffer).
 Dot products read ``D`` in chunks of ``BLOCK_K``; outputs with ``D`` columns are split over a
-second grid axis in chunks of ``BLOCK_DO`` (one chunk for ``D <= 256``). Accumulation is fp32.
+second grid axis in chunks of ``BLOCK_DO`` (one chunk for ``D <= 256``). Accumulation is fp32;
+fp32 dots use ``input_precision`` "ieee" or "tf32"; with fp16/bf16 inputs the logits dots run in
+the input dtype and the probability-value dots in bf16 (see ``_pv_dot``).
 
 This module imports triton, so it is only imported when a Triton launch is requested.
 """
