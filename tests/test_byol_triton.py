@@ -9,7 +9,13 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import rel_err
-from test_byol import FP32_TOL, LOW_PRECISION_TOL, check_hvp, check_loss_and_grad
+from test_byol import (
+    FP32_TOL,
+    LOW_PRECISION_TOL,
+    check_hvp,
+    check_loss_and_grad,
+    check_non_contiguous_and_partial_grad,
+)
 
 from bissl_fast import BYOLLoss, byol_loss, normalized_regression, reference
 from bissl_fast import byol as byol_mod
@@ -38,6 +44,10 @@ def test_extreme_norms(scales):
 @pytest.mark.parametrize("targets_require_grad", [False, True], ids=["detached", "targets_grad"])
 def test_hvp_through_mlp(dtype, tol, targets_require_grad):
     check_hvp("triton", DEVICE, dtype, tol, targets_require_grad)
+
+
+def test_non_contiguous_inputs_and_partial_requires_grad():
+    check_non_contiguous_and_partial_grad("triton", DEVICE)
 
 
 def test_matches_cpp_row_ops():
