@@ -1,0 +1,116 @@
+"""Two gloo processes on CPU end a BiSSL stage with the parameters of one process on the same global batches.
+
+BatchNorm would make the comparison inexact by design (each rank normalizes with its own half-batch
+statistics, as DDP without SyncBatchNorm does), so these models have no BatchNorm: then gradient
+averaging, the NT-Xent all-gather and the rank-averaged Hessian products reproduce the
+single-process stage exactly, up to floating-point summation order (float64 here).
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from bissl_fast.data import TensorLoader, load_digits
+from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer
+
+WORLD = 2
+PER_RANK = 8
+
+
+class _Lower(nn.Module):
+    def __init__(self, byol: bool) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh())
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+        self.predictor = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) if byol else None
+
+
+class _Upper(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh())
+        self.head = nn.Linear(16, 10)
+
+
+def _views(batch: torch.Tensor) -> list[torch.Tensor]:
+    return [batch, 0.9 * batch.flip(-1)]
+
+
+def _models(pretext: str) -> tuple[_Lower, _Upper]:
+    torch.manual_seed(0)
+    return _Lower(pretext == "byol").double(), _Upper().double()
+
+
+def _params(lower: nn.Module, upper: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in list(lower.parameters()) + list(upper.parameters())]
+
+
+def _run(pretext: str, rank: int, world: int) -> list[torch.Tensor]:
+    """One BiSSL stage; ``world`` ranks with ``PER_RANK`` samples each == 1 rank with ``world * PER_RANK``."""
+    lower, upper = _models(pretext)
+    digits = load_digits(size=None)
+    x, y = digits.x.double(), digits.y
+    batch = PER_RANK * (WORLD // world)
+    trainer = BiSSLTrainer(
+        lower, upper,
+        TensorLoader(x[:64], None, batch_size=batch, seed=1, rank=rank, world_size=world),
+        TensorLoader(x[100:164], y[100:164], batch_size=batch, seed=2, rank=rank, world_size=world),
+        torch.optim.SGD(lower.parameters(), lr=0.1, momentum=0.9),
+        torch.optim.SGD(upper.parameters(), lr=0.1, momentum=0.9),
+        BiSSLConfig(pretext=pretext, lower_iters=2, upper_iters=2, cg_iters=3, progress=False),
+        lower_transform=_views,
+    )
+    trainer.fit(1)
+    return _params(lower, upper)
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        for pretext in ("simclr", "byol"):
+            torch.save(_run(pretext, rank, WORLD), os.path.join(out_dir, f"{pretext}_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+def test_two_processes_equal_one_process():
+    with tempfile.TemporaryDirectory() as out_dir:
+        ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
+        deadline = time.monotonic() + 120
+        try:
+            while not ctx.join(timeout=1):
+                if time.monotonic() > deadline:
+                    pytest.fail("the 2-process BiSSL run did not finish within 120 s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.terminate()
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            for pretext in ("simclr", "byol"):
+                single = _run(pretext, 0, 1)
+                initial = _params(*_models(pretext))
+                assert all(not torch.equal(a, b) for a, b in zip(single, initial)), "every tensor moves in a stage"
+                for rank in range(WORLD):
+                    multi = torch.load(os.path.join(out_dir, f"{pretext}_{rank}.pt"))
+                    for a, b in zip(multi, single):
+                        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12), (pretext, rank, float((a - b).abs().max()))
+        finally:
+            torch.set_num_threads(previous)
