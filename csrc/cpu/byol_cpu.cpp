@@ -91,10 +91,16 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd_cpu(const at::Tensor& grad_in, const
         const scalar_t* tr = tp + b * D;
         const auto row = bm::row_from<acc_t>(pr, tr, D);
         const auto k = bm::grad_coef(row, static_cast<acc_t>(g[b]));
+        // Separate loops without branches, so each one vectorizes.
+        scalar_t* dpr = dpp + b * D;
         for (int64_t i = 0; i < D; ++i) {
-          const acc_t x = pr[i], y = tr[i];
-          dpp[b * D + i] = static_cast<scalar_t>(k.p_p * x + k.p_t * y);
-          if (dtp) dtp[b * D + i] = static_cast<scalar_t>(k.t_t * y + k.t_p * x);
+          dpr[i] = static_cast<scalar_t>(k.p_p * static_cast<acc_t>(pr[i]) + k.p_t * static_cast<acc_t>(tr[i]));
+        }
+        if (dtp) {
+          scalar_t* dtr = dtp + b * D;
+          for (int64_t i = 0; i < D; ++i) {
+            dtr[i] = static_cast<scalar_t>(k.t_t * static_cast<acc_t>(tr[i]) + k.t_p * static_cast<acc_t>(pr[i]));
+          }
         }
       }
     });
@@ -131,28 +137,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cpu(const at::Tensor& gr
         const scalar_t* tr = tp + b * D;
         const scalar_t* wpr = wpp + b * D;
         const scalar_t* wtr = wtp ? wtp + b * D : nullptr;
-        acc_t s_pp = 0, s_tt = 0, s_pt = 0, s_pwp = 0, s_twp = 0, s_pwt = 0, s_twt = 0;
-        for (int64_t i = 0; i < D; ++i) {
-          const acc_t x = pr[i], y = tr[i], w = wpr[i];
-          s_pp += x * x;
-          s_tt += y * y;
-          s_pt += x * y;
-          s_pwp += x * w;
-          s_twp += y * w;
-          if (wtr) {
-            const acc_t z = wtr[i];
-            s_pwt += x * z;
-            s_twt += y * z;
-          }
-        }
+        acc_t s_pp, s_tt, s_pt, s_pwp, s_twp, s_pwt = 0, s_twt = 0;
+        bm::row_sums<acc_t>(pr, tr, D, s_pp, s_tt, s_pt);
+        bm::row_sums_with<acc_t>(pr, tr, wpr, D, s_pwp, s_twp);
+        if (wtr) bm::row_sums_with<acc_t>(pr, tr, wtr, D, s_pwt, s_twt);
         const auto row = bm::make_row<acc_t>(s_pp, s_tt, s_pt);
         const auto k = bm::hvp_coef(row, static_cast<acc_t>(g[b]), s_pwp, s_twp, s_pwt, s_twt);
         dgp[b] = static_cast<scalar_t>(k.dg);
-        for (int64_t i = 0; i < D; ++i) {
-          const acc_t x = pr[i], y = tr[i], w = wpr[i];
-          const acc_t z = wtr ? static_cast<acc_t>(wtr[i]) : acc_t(0);
-          dpp[b * D + i] = static_cast<scalar_t>(k.p_p * x + k.p_t * y + k.p_wp * w + k.p_wt * z);
-          if (dtp) dtp[b * D + i] = static_cast<scalar_t>(k.t_p * x + k.t_t * y + k.t_wp * w + k.t_wt * z);
+        scalar_t* dpr = dpp + b * D;
+        scalar_t* dtr = dtp ? dtp + b * D : nullptr;
+        // One branch-free loop per (output, wt present) case, so each one vectorizes.
+        if (wtr) {
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t x = pr[i], y = tr[i], w = wpr[i], z = wtr[i];
+            dpr[i] = static_cast<scalar_t>(k.p_p * x + k.p_t * y + k.p_wp * w + k.p_wt * z);
+          }
+          if (dtr) {
+            for (int64_t i = 0; i < D; ++i) {
+              const acc_t x = pr[i], y = tr[i], w = wpr[i], z = wtr[i];
+              dtr[i] = static_cast<scalar_t>(k.t_p * x + k.t_t * y + k.t_wp * w + k.t_wt * z);
+            }
+          }
+        } else {
+          for (int64_t i = 0; i < D; ++i) {
+            const acc_t x = pr[i], y = tr[i], w = wpr[i];
+            dpr[i] = static_cast<scalar_t>(k.p_p * x + k.p_t * y + k.p_wp * w);
+          }
+          if (dtr) {
+            for (int64_t i = 0; i < D; ++i) {
+              const acc_t x = pr[i], y = tr[i], w = wpr[i];
+              dtr[i] = static_cast<scalar_t>(k.t_p * x + k.t_t * y + k.t_wp * w);
+            }
+          }
         }
       }
     });
