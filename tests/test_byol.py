@@ -9,9 +9,11 @@ from helpers import mlp_hvp, rel_err
 
 from bissl_fast import BackendUnavailableError, BYOLLoss, BYOLLossFunction, byol_loss, normalized_regression, reference
 from bissl_fast import byol as byol_mod
+from bissl_fast._backends import backend_reasons, backends
 
+needs_cpp = pytest.mark.skipif(not backends()["cpp"], reason=backend_reasons().get("cpp", ""))
 KERNEL_BACKENDS = [
-    pytest.param("cpp", "cpu", id="cpp"),
+    pytest.param("cpp", "cpu", id="cpp", marks=needs_cpp),
     pytest.param("cuda", "cuda", id="cuda", marks=pytest.mark.cuda),
 ]
 FP32_TOL = 1e-5
@@ -142,7 +144,7 @@ def test_hvp_through_mlp(backend, device, dtype, tol, targets_require_grad):
     check_hvp(backend, device, dtype, tol, targets_require_grad)
 
 
-@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
 def test_gradcheck_gradgradcheck(backend):
     xs = [x.requires_grad_() for x in _inputs(4, 6, torch.float64, "cpu")]
     fn = lambda *a: byol_loss(*a, backend=backend)  # noqa: E731
@@ -154,6 +156,7 @@ def test_gradcheck_gradgradcheck(backend):
     assert torch.autograd.gradgradcheck(row, (p, t))
 
 
+@needs_cpp
 def test_gradgradcheck_detached_targets():
     """Only predictions require grad: the t_grad=False kernels (no target gradient written)."""
     p1, p2, t1, t2 = _inputs(3, 5, torch.float64, "cpu")
@@ -164,6 +167,7 @@ def test_gradgradcheck_detached_targets():
     assert torch.autograd.gradgradcheck(fn, (p1, p2))
 
 
+@needs_cpp
 def test_third_derivative_raises():
     p, t = (x.requires_grad_() for x in _inputs(2, 3, torch.float64, "cpu")[:2])
     (g,) = torch.autograd.grad(normalized_regression(p, t, backend="cpp").sum(), p, create_graph=True)
@@ -189,6 +193,7 @@ def _op_samples(dtype=torch.float64):
     ]
 
 
+@needs_cpp
 def test_opcheck_registered_ops():
     _, samples = _op_samples()
     for op, args in samples:
@@ -199,6 +204,7 @@ def test_opcheck_registered_ops():
         torch.library.opcheck(op, args, test_utils=tests)
 
 
+@needs_cpp
 def test_torch_compile_traces_through_ops():
     """fullgraph capture with the fake kernels and registered autograd (aot_eager: no codegen needed)."""
     xs = [x.requires_grad_() for x in _inputs(6, 12, torch.float32, "cpu")]
@@ -213,6 +219,7 @@ def test_torch_compile_traces_through_ops():
         assert rel_err(got, want) < 1e-6
 
 
+@needs_cpp
 def test_kernels_do_not_write_inputs():
     xs = [x.requires_grad_() for x in _inputs(4, 8, torch.float32, "cpu")]
     before = [x.detach().clone() for x in xs]
@@ -226,6 +233,7 @@ def test_kernels_do_not_write_inputs():
 # ------------------------------------------------------------------------------ API and errors
 
 
+@needs_cpp
 def test_module_function_and_auto_backend():
     xs = _inputs(8, 16, torch.float32, "cpu")
     assert byol_mod._resolve("auto", torch.device("cpu")) == "cpp"
@@ -266,6 +274,7 @@ def test_bad_backend():
         normalized_regression(x, x, backend="cuda")
 
 
+@needs_cpp
 def test_op_level_checks():
     ops = byol_mod.cpp_ops()
     p = torch.randn(3, 4)
