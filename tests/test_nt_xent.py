@@ -93,6 +93,26 @@ def test_lse_function_gradgradcheck_with_weighted_rows(small_chunks):
     assert torch.autograd.gradgradcheck(f, (u,))
 
 
+@pytest.mark.parametrize("d", [1, 5])
+def test_single_sample(d):
+    """B = 1. Two views: the only other row is the positive, so lse_i = s_ip and the loss is 0 for
+    every z (and so is its gradient). Three views: both other rows are positives."""
+    z = torch.randn(2, d, requires_grad=True)
+    loss = nt_xent(z, temperature=0.2, backend="torch")
+    (grad,) = torch.autograd.grad(loss, z)
+    assert abs(float(loss)) < 1e-6 and float(grad.abs().max()) < 1e-5
+    z3 = torch.randn(3, d, dtype=torch.float64, requires_grad=True)
+    out = nt_xent(z3, temperature=0.2, views=3, backend="torch")
+    ref = reference.nt_xent(z3, temperature=0.2, views=3)
+    assert rel_err(out.detach(), ref.detach()) < 1e-12
+    if d > 1:  # with D = 1 the unit rows are +-1 and every derivative is rounding noise around 0
+        g, v = torch.tensor(1.0, dtype=torch.float64), torch.randn(3, d, dtype=torch.float64)
+        out = _grad_and_hvp(lambda x: nt_xent(x, temperature=0.2, views=3, backend="torch"), z3, g, v)
+        ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.2, views=3), z3, g, v)
+        for o, r in zip(out[1:], ref[1:]):
+            assert rel_err(o, r) < 1e-12
+
+
 @pytest.mark.parametrize("scale", [1e15, 1e-8])
 def test_huge_and_tiny_norm_rows(scale):
     z = torch.randn(20, 33)
