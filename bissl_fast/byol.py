@@ -24,8 +24,8 @@ and ``cpp`` then ``torch`` on CPU tensors.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
@@ -59,12 +59,12 @@ def _fake_bwd(grad: Tensor, p: Tensor, t: Tensor, t_grad: bool) -> tuple[Tensor,
 
 
 def _fake_hvp(
-    grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Optional[Tensor], t_grad: bool
+    grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Tensor | None, t_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     return p.new_empty(p.shape[0]), torch.empty_like(p), (torch.empty_like(t) if t_grad else p.new_empty(0))
 
 
-def _register_autograd(name: str, ops_getter: Callable[[], _RowOps], lib: Optional[torch.library.Library]) -> None:
+def _register_autograd(name: str, ops_getter: Callable[[], _RowOps], lib: torch.library.Library | None) -> None:
     """Autograd of ``{name}_fwd/bwd/hvp``: fwd's backward is bwd, bwd's backward is hvp."""
 
     def fwd_setup(ctx, inputs, output):
@@ -110,7 +110,7 @@ def _register_autograd(name: str, ops_getter: Callable[[], _RowOps], lib: Option
 # ---------------------------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_cpp_ops: Optional[_RowOps] = None
+_cpp_ops: _RowOps | None = None
 
 
 def cpp_ops() -> _RowOps:
@@ -153,7 +153,7 @@ def _triton_bwd(grad: Tensor, p: Tensor, t: Tensor, t_grad: bool) -> tuple[Tenso
 
 @torch.library.custom_op("bissl_fast::byol_triton_hvp", mutates_args=())
 def _triton_hvp(
-    grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Optional[Tensor], t_grad: bool
+    grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Tensor | None, t_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
     return _triton_kernels().hvp(
         grad.contiguous(), p.contiguous(), t.contiguous(), wp.contiguous(),
@@ -290,4 +290,4 @@ class BYOLLoss(nn.Module):
         return f"backend={self.backend!r}"
 
 
-__all__ = ["BYOLLoss", "BYOLLossFunction", "byol_loss", "normalized_regression", "cpp_ops", "SUPPORTED_BACKENDS"]
+__all__ = ["SUPPORTED_BACKENDS", "BYOLLoss", "BYOLLossFunction", "byol_loss", "cpp_ops", "normalized_regression"]

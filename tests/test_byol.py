@@ -7,7 +7,14 @@ import pytest
 import torch
 from helpers import mlp_hvp, rel_err
 
-from bissl_fast import BackendUnavailableError, BYOLLoss, BYOLLossFunction, byol_loss, normalized_regression, reference
+from bissl_fast import (
+    BackendUnavailableError,
+    BYOLLoss,
+    BYOLLossFunction,
+    byol_loss,
+    normalized_regression,
+    reference,
+)
 from bissl_fast import byol as byol_mod
 from bissl_fast._backends import backend_reasons, backends
 
@@ -147,11 +154,11 @@ def test_hvp_through_mlp(backend, device, dtype, tol, targets_require_grad):
 @pytest.mark.parametrize("backend", [pytest.param("cpp", marks=needs_cpp), "torch"])
 def test_gradcheck_gradgradcheck(backend):
     xs = [x.requires_grad_() for x in _inputs(4, 6, torch.float64, "cpu")]
-    fn = lambda *a: byol_loss(*a, backend=backend)  # noqa: E731
+    fn = lambda *a: byol_loss(*a, backend=backend)
     assert torch.autograd.gradcheck(fn, xs)
     assert torch.autograd.gradgradcheck(fn, xs)
     p, t = (x.detach().clone().requires_grad_() for x in xs[:2])
-    row = lambda a, b: normalized_regression(a, b, backend=backend)  # noqa: E731
+    row = lambda a, b: normalized_regression(a, b, backend=backend)
     assert torch.autograd.gradcheck(row, (p, t))
     assert torch.autograd.gradgradcheck(row, (p, t))
 
@@ -162,7 +169,7 @@ def test_gradgradcheck_detached_targets():
     p1, p2, t1, t2 = _inputs(3, 5, torch.float64, "cpu")
     p1.requires_grad_()
     p2.requires_grad_()
-    fn = lambda a, b: byol_loss(a, b, t1, t2, backend="cpp")  # noqa: E731
+    fn = lambda a, b: byol_loss(a, b, t1, t2, backend="cpp")
     assert torch.autograd.gradcheck(fn, (p1, p2))
     assert torch.autograd.gradgradcheck(fn, (p1, p2))
 

@@ -62,7 +62,7 @@ def _byol_fwd_kernel(P, T, OUT, B, D, ACC: tl.constexpr, EPS: tl.constexpr,
         pp += tl.sum(x * x, axis=1)
         tt += tl.sum(y * y, axis=1)
         pt += tl.sum(x * y, axis=1)
-    inv_np, inv_nt, a, b, c = _row(pp, tt, pt, EPS)
+    _, _, _, _, c = _row(pp, tt, pt, EPS)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     tl.store(OUT + rows, (2.0 - 2.0 * c).to(OUT.dtype.element_ty), mask=rows < B)
 
