@@ -11,6 +11,16 @@ from bissl_fast.solver import CGInfo, HessianOperator, ImplicitGradient, cg_solv
 from helpers import rel_err
 from test_solver_hessian import make_problem, make_tiny_problem, random_like
 
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """These problems are tiny: intra-op threads only add synchronization (10x slower on a busy
+    2-core CI machine). Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 # Awkward sizes: one tensor spans several 4096-element chunks and ends mid-chunk.
 SHAPES = [(37,), (3, 17), (4099,), (2, 3, 5, 5), (9001,)]
 
@@ -75,11 +85,37 @@ def test_fused_ops_match_foreach_ops_bf16(backend):
     assert rel_err(cg_solve(matvec, b, iters=3, backend=backend), ref) < 1e-2
 
 
-def test_fused_kernels_leave_inputs_alone():
-    matvec, b, _ = spd_system(torch.float32)
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_inputs_untouched_and_noncontiguous_inputs_accepted(backend):
+    matvec, b, _ = spd_system(torch.float64)
     snapshot = [t.clone() for t in b]
-    cg_solve(matvec, b, iters=2, backend=cpu_backends()[-1])
+    ref = cg_solve(matvec, b, iters=3, backend=backend)
     assert all(torch.equal(t, s) for t, s in zip(b, snapshot))
+    # Transposed (non-contiguous) right-hand side and products: same solution.
+    bt = tuple(t.T.contiguous().T if t.dim() == 2 else t for t in b)
+    assert not bt[1].is_contiguous()
+    out = cg_solve(lambda d: tuple(o.T.contiguous().T if o.dim() == 2 else o for o in matvec(d)), bt, iters=3,
+                   backend=backend)
+    assert all(torch.equal(o, r) for o, r in zip(out, ref))
+
+
+@pytest.mark.skipif(not backends()["cpp"], reason="needs the C++ extension")
+def test_fused_ops_reject_bad_lists():
+    ops = torch.ops.bissl_fast
+    a = [torch.zeros(3), torch.zeros(2, 2)]
+    alpha = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match=r"cg_dot: b has 1 tensors, expected 2"):
+        ops.cg_dot(a, a[:1])
+    with pytest.raises(RuntimeError, match=r"cg_dot: b\[1\] has shape"):
+        ops.cg_dot(a, [torch.zeros(3), torch.zeros(4)])
+    with pytest.raises(RuntimeError, match="one dtype for all tensors"):
+        ops.cg_dot(a, [torch.zeros(3), torch.zeros(2, 2, dtype=torch.float64)])
+    with pytest.raises(RuntimeError, match=r"cg_update: ad\[1\] must be contiguous"):
+        ops.cg_update(a, [t.clone() for t in a], a, [torch.zeros(3), torch.zeros(2, 2).T], alpha)
+    with pytest.raises(RuntimeError, match="alpha must be float64"):
+        ops.cg_update(a, [t.clone() for t in a], a, a, alpha.float())
+    with pytest.raises(RuntimeError, match=r"beta must be \[T\] = \[2\]"):
+        ops.cg_direction(a, a, torch.zeros(3, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("backend", cpu_backends())

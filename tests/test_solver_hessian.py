@@ -22,6 +22,16 @@ from bissl_fast.solver import HessianOperator
 from helpers import rel_err
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """These problems are tiny: intra-op threads only add synchronization (10x slower on a busy
+    2-core CI machine). Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _losses(impl: str) -> tuple[Callable, Callable]:
     if impl == "reference":
         return R.nt_xent, R.byol_loss

@@ -81,7 +81,7 @@ def cg_solve(
     """
     if not callable(matvec):
         raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
-    b = tuple(t.detach() for t in check_tensor_tuple("b", b))
+    b = tuple(t.detach().contiguous() for t in check_tensor_tuple("b", b))
     check_same_device(**{f"b[{i}]": t for i, t in enumerate(b)})
     iters = check_int_at_least("iters", iters, 1)
     if not isinstance(layerwise, bool):
