@@ -64,8 +64,8 @@ def _fake_hvp(
     return p.new_empty(p.shape[0]), torch.empty_like(p), (torch.empty_like(t) if t_grad else p.new_empty(0))
 
 
-def _register_autograd(name: str, ops_getter: Callable[[], _RowOps], lib: torch.library.Library | None) -> None:
-    """Autograd of ``{name}_fwd/bwd/hvp``: fwd's backward is bwd, bwd's backward is hvp."""
+def _register_autograd(name: str, ops: _RowOps) -> None:
+    """Autograd of ``bissl_fast::{name}_fwd/bwd/hvp``: fwd's backward is bwd, bwd's backward is hvp."""
 
     def fwd_setup(ctx, inputs, output):
         p, t = inputs
@@ -74,7 +74,7 @@ def _register_autograd(name: str, ops_getter: Callable[[], _RowOps], lib: torch.
     def fwd_backward(ctx, grad):
         p, t = ctx.saved_tensors
         t_grad = ctx.needs_input_grad[1]
-        dp, dt = ops_getter().bwd(grad.contiguous(), p, t, t_grad)
+        dp, dt = ops.bwd(grad.contiguous(), p, t, t_grad)
         return dp, (dt if t_grad else None)
 
     def bwd_setup(ctx, inputs, output):
@@ -88,7 +88,7 @@ def _register_autograd(name: str, ops_getter: Callable[[], _RowOps], lib: torch.
         wp = torch.zeros_like(p) if gdp is None else gdp.contiguous()
         wt = gdt.contiguous() if (ctx.t_grad and gdt is not None and gdt.numel() > 0) else None
         t_grad = ctx.needs_input_grad[2]
-        dgrad, dp, dt = ops_getter().hvp(grad, p, t, wp, wt, t_grad)
+        dgrad, dp, dt = ops.hvp(grad, p, t, wp, wt, t_grad)
         return dgrad, dp, (dt if t_grad else None), None
 
     def hvp_setup(ctx, inputs, output):
@@ -100,9 +100,9 @@ def _register_autograd(name: str, ops_getter: Callable[[], _RowOps], lib: torch.
             "(use backend='torch' for them)"
         )
 
-    torch.library.register_autograd(f"bissl_fast::{name}_fwd", fwd_backward, setup_context=fwd_setup, lib=lib)
-    torch.library.register_autograd(f"bissl_fast::{name}_bwd", bwd_backward, setup_context=bwd_setup, lib=lib)
-    torch.library.register_autograd(f"bissl_fast::{name}_hvp", hvp_backward, setup_context=hvp_setup, lib=lib)
+    torch.library.register_autograd(f"bissl_fast::{name}_fwd", fwd_backward, setup_context=fwd_setup)
+    torch.library.register_autograd(f"bissl_fast::{name}_bwd", bwd_backward, setup_context=bwd_setup)
+    torch.library.register_autograd(f"bissl_fast::{name}_hvp", hvp_backward, setup_context=hvp_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def cpp_ops() -> _RowOps:
                 torch.library.register_fake("bissl_fast::byol_bwd", _fake_bwd)
                 torch.library.register_fake("bissl_fast::byol_hvp", _fake_hvp)
                 ops = _RowOps(ns.byol_fwd.default, ns.byol_bwd.default, ns.byol_hvp.default)
-                _register_autograd("byol", lambda: ops, None)
+                _register_autograd("byol", ops)
                 _cpp_ops = ops
     return _cpp_ops
 
@@ -165,7 +165,7 @@ _triton_fwd.register_fake(_fake_fwd)
 _triton_bwd.register_fake(_fake_bwd)
 _triton_hvp.register_fake(_fake_hvp)
 TRITON_OPS = _RowOps(_triton_fwd, _triton_bwd, _triton_hvp)
-_register_autograd("byol_triton", lambda: TRITON_OPS, None)
+_register_autograd("byol_triton", TRITON_OPS)
 
 
 # ---------------------------------------------------------------------------------------------
