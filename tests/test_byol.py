@@ -186,9 +186,9 @@ def test_third_derivative_raises():
 # ------------------------------------------------------------------------------ torch.library
 
 
-def _op_samples(dtype=torch.float64):
-    p, t, wp, wt = _inputs(5, 9, dtype, "cpu")
-    g = torch.randn(5, dtype=dtype)
+def _op_samples(device: str, dtype=torch.float64):
+    p, t, wp, wt = _inputs(5, 9, dtype, device)
+    g = torch.randn(5, dtype=dtype, device=device)
     ops = byol_mod.cpp_ops()
     return ops, [
         (ops.fwd, (p, t)),
@@ -200,13 +200,13 @@ def _op_samples(dtype=torch.float64):
     ]
 
 
-@needs_cpp
-def test_opcheck_registered_ops():
-    _, samples = _op_samples()
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=needs_cpp), pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_opcheck_registered_ops(device):
+    ops, samples = _op_samples(device)
     for op, args in samples:
         # test_aot_dispatch_dynamic differentiates the op; byol_hvp has no (third-order) derivative.
         tests = ("test_schema", "test_autograd_registration", "test_faketensor")
-        if op is not byol_mod.cpp_ops().hvp:
+        if op is not ops.hvp:
             tests += ("test_aot_dispatch_dynamic",)
         torch.library.opcheck(op, args, test_utils=tests)
 
