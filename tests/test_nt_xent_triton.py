@@ -86,6 +86,20 @@ def test_single_sample(kernel_calls, d):
     assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_wide_rows_use_k_loop_kernels(kernel_calls, dtype, tol):
+    """D = 300 pads to 512 > 256: the K-loop kernels (5 K chunks, 2 output chunks) instead of resident rows."""
+    kernels = importlib.import_module("bissl_fast.kernels.nt_xent_triton")
+    assert kernels._resident_block(300) is None and kernels._resident_block(256) == 256
+    z = torch.randn(20, 300, device=DEVICE).to(dtype)
+    g, v = torch.tensor(0.9, device=DEVICE), torch.randn(20, 300, device=DEVICE).to(dtype)
+    out = _grad_and_hvp(lambda x: nt_xent(x, temperature=0.2, backend="triton"), z, g.to(dtype), v)
+    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.2), z.double(), g.double(), v.double())
+    for o, r in zip(out, ref):
+        assert rel_err(o, r) < tol
+    assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}
+
+
 def test_hvp_through_model_matches_reference(kernel_calls):
     x = torch.randn(40, 5, device=DEVICE)
     out = mlp_hvp(lambda e: nt_xent(e, temperature=0.2, views=2, backend="triton"), x, 20)

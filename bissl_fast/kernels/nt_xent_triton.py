@@ -49,6 +49,8 @@ def _configs() -> list[triton.Config]:
             (128, 128, 8, 2),
             (128, 128, 8, 3),
             (64, 32, 4, 4),
+            (64, 64, 8, 2),
+            (64, 128, 8, 2),
         )
     ]
 
@@ -78,6 +80,10 @@ def _pv_dot(p, v, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PV_BF16: t
     if PV_BF16:
         return _dot(p.to(tl.bfloat16), v.to(tl.bfloat16), acc, PRECISION, UPCAST)
     return _dot(p.to(v.dtype), v, acc, PRECISION, UPCAST)
+
+
+# ---- K-loop kernels (any D): dot products read D in BLOCK_K chunks and outputs are split over a
+# second grid axis in BLOCK_DO chunks. Used for padded D > 256.
 
 
 @triton.jit
@@ -233,6 +239,126 @@ def _lse_bwd_bwd_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stri
              mask=row_ok[:, None] & d_ok[None, :])
 
 
+# ---- Resident-row kernels (padded D <= 256): each program loads its [BLOCK_M, D] rows once and
+# every [BLOCK_N, D] column block once per tile, which serves both the logits dot and the
+# probability-value dot. Compiled for sm_90 these kernels do not spill at D = 128 (the K-loop
+# kernels below do), so they are used whenever D fits.
+
+
+@triton.jit
+def _load_rows(ptr, idx, ok, ds, d_ok, stride):
+    return tl.load(ptr + idx[:, None] * stride + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
+
+
+@triton.autotune(configs=_configs(), key=["N", "D"])
+@triton.jit
+def _lse_fwd_resident_kernel(u_ptr, lse_ptr, N, D, stride, inv_tau,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    u_rows = _load_rows(u_ptr, rows, row_ok, ds, d_ok, stride)
+    m_i = tl.full((BLOCK_M,), _NEG_START, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        u_cols = _load_rows(u_ptr, cols, col_ok, ds, d_ok, stride)
+        s = _dot(u_rows, tl.trans(u_cols), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION, UPCAST)
+        s = tl.where(col_ok[None, :] & (rows[:, None] != cols[None, :]), s * inv_tau, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    tl.store(lse_ptr + rows, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.autotune(configs=_configs(), key=["N", "D"])
+@triton.jit
+def _lse_bwd_resident_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_tau,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                             PRECISION: tl.constexpr, UPCAST: tl.constexpr, PV_BF16: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    u_rows = _load_rows(u_ptr, rows, row_ok, ds, d_ok, stride)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        u_cols = _load_rows(u_ptr, cols, col_ok, ds, d_ok, stride)
+        s = _dot(u_rows, tl.trans(u_cols), tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PRECISION, UPCAST)
+        p_row, p_col, c_r, c_c = _probabilities(s * inv_tau, rows, cols, row_ok, col_ok, lse_ptr, c_ptr)
+        acc = _pv_dot(c_r[:, None] * p_row + c_c[None, :] * p_col, u_cols, acc, PRECISION, UPCAST, PV_BF16)
+    tl.store(out_ptr + rows[:, None] * stride + ds[None, :], (acc * inv_tau).to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.autotune(configs=_configs(), key=["N", "D"])
+@triton.jit
+def _lse_bwd_bwd_r_resident_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau,
+                                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                   PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    u_rows = _load_rows(u_ptr, rows, row_ok, ds, d_ok, stride)
+    w_rows = _load_rows(w_ptr, rows, row_ok, ds, d_ok, stride)
+    lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
+    r = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        u_cols = _load_rows(u_ptr, cols, col_ok, ds, d_ok, stride)
+        w_cols = _load_rows(w_ptr, cols, col_ok, ds, d_ok, stride)
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s = _dot(u_rows, tl.trans(u_cols), zero, PRECISION, UPCAST)
+        q = _dot(u_rows, tl.trans(w_cols), _dot(w_rows, tl.trans(u_cols), zero, PRECISION, UPCAST), PRECISION, UPCAST)
+        valid = row_ok[:, None] & col_ok[None, :] & (rows[:, None] != cols[None, :])
+        r += tl.sum(tl.where(valid, tl.exp(s * inv_tau - lse_r[:, None]), 0.0) * q, axis=1)
+    tl.store(r_ptr + rows, r, mask=row_ok)
+
+
+@triton.autotune(configs=_configs(), key=["N", "D"])
+@triton.jit
+def _lse_bwd_bwd_resident_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stride, inv_tau,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                                 PRECISION: tl.constexpr, UPCAST: tl.constexpr, PV_BF16: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    ds = tl.arange(0, BLOCK_D)
+    d_ok = ds < D
+    u_rows = _load_rows(u_ptr, rows, row_ok, ds, d_ok, stride)
+    w_rows = _load_rows(w_ptr, rows, row_ok, ds, d_ok, stride)
+    r_r = tl.load(r_ptr + rows, mask=row_ok, other=0.0)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        u_cols = _load_rows(u_ptr, cols, col_ok, ds, d_ok, stride)
+        w_cols = _load_rows(w_ptr, cols, col_ok, ds, d_ok, stride)
+        zero = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        s = _dot(u_rows, tl.trans(u_cols), zero, PRECISION, UPCAST)
+        q = _dot(u_rows, tl.trans(w_cols), _dot(w_rows, tl.trans(u_cols), zero, PRECISION, UPCAST), PRECISION, UPCAST)
+        p_row, p_col, c_r, c_c = _probabilities(s * inv_tau, rows, cols, row_ok, col_ok, lse_ptr, c_ptr)
+        r_c = tl.load(r_ptr + cols, mask=col_ok, other=0.0)
+        wp_row = c_r[:, None] * p_row
+        wp_col = c_c[None, :] * p_col
+        # A = C P + P^T C multiplies W / tau; E + E^T (E_ij = c_i P_ij (Q_ij - r_i)) multiplies U / tau^2.
+        acc = _pv_dot((wp_row + wp_col) * inv_tau, w_cols, acc, PRECISION, UPCAST, PV_BF16)
+        e = (wp_row * (q - r_r[:, None]) + wp_col * (q - r_c[None, :])) * (inv_tau * inv_tau)
+        acc = _pv_dot(e, u_cols, acc, PRECISION, UPCAST, PV_BF16)
+    tl.store(out_ptr + rows[:, None] * stride + ds[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+#: Widest padded D the resident kernels take; wider rows use the K-loop kernels.
+_RESIDENT_MAX_D = 256
+
+
 def _block_sizes(d: int) -> tuple[int, int]:
     """``(BLOCK_K, BLOCK_DO)``: D padded to a power of two >= 16 (tl.dot's minimum), capped."""
     padded = max(16, triton.next_power_of_2(d))
@@ -252,14 +378,24 @@ def _dot_options(precision: str, dtype: torch.dtype, pv: bool = False) -> dict[s
     return options
 
 
+def _resident_block(d: int) -> int | None:
+    """Padded D for the resident kernels (a power of two >= 16, tl.dot's minimum), or None if too wide."""
+    padded = max(16, triton.next_power_of_2(d))
+    return padded if padded <= _RESIDENT_MAX_D else None
+
+
 def lse_forward(u: torch.Tensor, inv_tau: float, precision: str) -> torch.Tensor:
     """``lse [N]`` (fp32) of the masked logits of contiguous ``u [N, D]``."""
     n, d = u.shape
     lse = empty_output(n, dtype=torch.float32, device=u.device)
-    block_k, _ = _block_sizes(d)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
-    _lse_fwd_kernel[grid](u, lse, n, d, u.stride(0), inv_tau, BLOCK_K=block_k,
-                          **_dot_options(precision, u.dtype))
+    block_d = _resident_block(d)
+    if block_d is not None:
+        _lse_fwd_resident_kernel[grid](u, lse, n, d, u.stride(0), inv_tau, BLOCK_D=block_d,
+                                       **_dot_options(precision, u.dtype))
+    else:
+        _lse_fwd_kernel[grid](u, lse, n, d, u.stride(0), inv_tau, BLOCK_K=_block_sizes(d)[0],
+                              **_dot_options(precision, u.dtype))
     return lse
 
 
@@ -267,10 +403,16 @@ def lse_backward(u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: f
     """``(1/tau) (C P + P^T C) U`` as ``[N, D]`` in ``u.dtype``; ``lse, c`` are fp32 ``[N]``."""
     n, d = u.shape
     out = empty_output(n, d, dtype=u.dtype, device=u.device)
-    block_k, block_do = _block_sizes(d)
-    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do))
-    _lse_bwd_kernel[grid](u, lse, c, out, n, d, u.stride(0), inv_tau, BLOCK_K=block_k, BLOCK_DO=block_do,
-                          **_dot_options(precision, u.dtype, pv=True))
+    options = _dot_options(precision, u.dtype, pv=True)
+    block_d = _resident_block(d)
+    if block_d is not None:
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
+        _lse_bwd_resident_kernel[grid](u, lse, c, out, n, d, u.stride(0), inv_tau, BLOCK_D=block_d, **options)
+    else:
+        block_k, block_do = _block_sizes(d)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do))
+        _lse_bwd_kernel[grid](u, lse, c, out, n, d, u.stride(0), inv_tau, BLOCK_K=block_k, BLOCK_DO=block_do,
+                              **options)
     return out
 
 
@@ -282,12 +424,19 @@ def lse_double_backward(
     ``grad_c = r / tau`` is formed by the caller. ``u`` and ``w`` share dtype and are contiguous.
     """
     n, d = u.shape
-    block_k, block_do = _block_sizes(d)
     r = empty_output(n, dtype=torch.float32, device=u.device)
-    grid_r = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
-    _lse_bwd_bwd_r_kernel[grid_r](u, w, lse, r, n, d, u.stride(0), inv_tau, BLOCK_K=block_k,
-                                  **_dot_options(precision, u.dtype))
     out = empty_output(n, d, dtype=u.dtype, device=u.device)
+    grid_rows = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
+    block_d = _resident_block(d)
+    if block_d is not None:
+        _lse_bwd_bwd_r_resident_kernel[grid_rows](u, w, lse, r, n, d, u.stride(0), inv_tau, BLOCK_D=block_d,
+                                                  **_dot_options(precision, u.dtype))
+        _lse_bwd_bwd_resident_kernel[grid_rows](u, w, lse, c, r, out, n, d, u.stride(0), inv_tau, BLOCK_D=block_d,
+                                                **_dot_options(precision, u.dtype, pv=True))
+        return out, r
+    block_k, block_do = _block_sizes(d)
+    _lse_bwd_bwd_r_kernel[grid_rows](u, w, lse, r, n, d, u.stride(0), inv_tau, BLOCK_K=block_k,
+                                     **_dot_options(precision, u.dtype))
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do))
     _lse_bwd_bwd_kernel[grid](u, w, lse, c, r, out, n, d, u.stride(0), inv_tau, BLOCK_K=block_k,
                               BLOCK_DO=block_do, **_dot_options(precision, u.dtype, pv=True))
