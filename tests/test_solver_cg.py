@@ -100,6 +100,22 @@ def test_inputs_untouched_and_noncontiguous_inputs_accepted(backend):
 
 
 @pytest.mark.skipif(not backends()["cpp"], reason="needs the C++ extension")
+def test_fused_ops_pass_opcheck():
+    """Schemas (declared mutations), fake implementations and dispatcher registration."""
+    from bissl_fast.solver._multi_tensor import FusedOps
+
+    FusedOps("cpp")  # loads the extension and registers the fake implementations
+    ops = torch.ops.bissl_fast
+    a = [torch.randn(5), torch.randn(4100)]
+    alpha = torch.tensor([0.5, -2.0], dtype=torch.float64)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(ops.cg_dot, ([t.clone() for t in a], [t.clone() for t in a]), test_utils=utils)
+    torch.library.opcheck(ops.cg_update, ([t.clone() for t in a], [t.clone() for t in a], a, a, alpha),
+                          test_utils=utils)
+    torch.library.opcheck(ops.cg_direction, ([t.clone() for t in a], a, alpha), test_utils=utils)
+
+
+@pytest.mark.skipif(not backends()["cpp"], reason="needs the C++ extension")
 def test_fused_ops_reject_bad_lists():
     ops = torch.ops.bissl_fast
     a = [torch.zeros(3), torch.zeros(2, 2)]

@@ -74,12 +74,38 @@ class TorchOps:
         torch._foreach_add_(list(d), list(r))
 
 
+_fakes_registered = False
+
+
+def _register_fakes() -> None:
+    """Shape-only implementations, so the ops trace under torch.compile / FakeTensor mode."""
+    global _fakes_registered
+    if _fakes_registered:
+        return
+
+    @torch.library.register_fake("bissl_fast::cg_dot")
+    def _dot_fake(a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        return a[0].new_empty((len(a),), dtype=torch.float64)
+
+    @torch.library.register_fake("bissl_fast::cg_update")
+    def _update_fake(x: list[torch.Tensor], r: list[torch.Tensor], d: list[torch.Tensor], ad: list[torch.Tensor],
+                     alpha: torch.Tensor) -> torch.Tensor:
+        return x[0].new_empty((len(x),), dtype=torch.float64)
+
+    @torch.library.register_fake("bissl_fast::cg_direction")
+    def _direction_fake(d: list[torch.Tensor], r: list[torch.Tensor], beta: torch.Tensor) -> None:
+        return None
+
+    _fakes_registered = True
+
+
 class FusedOps:
     """The compiled multi-tensor kernels (CPU: C++ loop over chunks; CUDA: one launch per op)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         extension()
+        _register_fakes()
         self._ops = torch.ops.bissl_fast
 
     def dot(self, a: Tensors, b: Tensors) -> torch.Tensor:

@@ -18,10 +18,11 @@ a product:
     runs one forward + backward with forward-mode tangents. Needs the ``module`` that owns the
     parameters.
 
-``mode="auto"`` picks ``"rev-rev"`` on every device: on CPU it was the faster mode in
-``benchmarks/bench_solver.py``; on CUDA no measurement has been made yet, and ``rev-rev`` is
-chosen because it needs no ``module`` and does the least work per product (one double
-backward, no forward).
+``mode="auto"`` picks ``"rev-rev"`` on every device. On CPU it is the measured winner
+(``benchmarks/bench_solver.py``, SmallResNet upper stage, one thread: rev-rev 1.5-1.6x faster
+than the paper's recompute, fwd-rev 0.45x, i.e. slower than recompute). On CUDA no measurement
+has been made yet; ``rev-rev`` is chosen there too because it needs no ``module`` and does the
+least work per product (one double backward, no forward). Revisit once GPU numbers exist.
 
 BatchNorm in train mode: the loss uses batch statistics, so the function of the parameters is
 fixed for a fixed batch and the Hessian is well defined. With ``rev-rev`` the running statistics

@@ -101,11 +101,9 @@ at::Tensor cg_dot_cpu(at::TensorList a, at::TensorList b) {
     for_each_chunk(a, starts, [&](int64_t t, int64_t begin, int64_t end, int64_t c) {
       const scalar_t* pa = a[t].const_data_ptr<scalar_t>();
       const scalar_t* pb = b[t].const_data_ptr<scalar_t>();
-      double acc = 0.0;
-      for (int64_t i = begin; i < end; ++i) {
-        acc += static_cast<double>(pa[i]) * static_cast<double>(pb[i]);
-      }
-      partials[c] = acc;
+      partials[c] = lane_sum(begin, end, [&](int64_t i) {
+        return static_cast<double>(pa[i]) * static_cast<double>(pb[i]);
+      });
     });
   });
   return sum_partials(partials, starts);
@@ -127,17 +125,15 @@ at::Tensor cg_update_cpu(at::TensorList x, at::TensorList r, at::TensorList d, a
       const scalar_t* pd = d[t].const_data_ptr<scalar_t>();
       const scalar_t* pad = ad[t].const_data_ptr<scalar_t>();
       const op_t a = static_cast<op_t>(al[t]);
-      double acc = 0.0;
-      for (int64_t i = begin; i < end; ++i) {
+      partials[c] = lane_sum(begin, end, [&](int64_t i) {
         op_t xi = px[i], ri = pr[i];
         update_xr<op_t>(xi, ri, pd[i], pad[i], a);
         px[i] = static_cast<scalar_t>(xi);
         pr[i] = static_cast<scalar_t>(ri);
         // r.r of the stored (rounded) value, as a separate pass over r would see it.
         const double rs = static_cast<double>(pr[i]);
-        acc += rs * rs;
-      }
-      partials[c] = acc;
+        return rs * rs;
+      });
     });
   });
   return sum_partials(partials, starts);

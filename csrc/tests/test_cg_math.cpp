@@ -1,7 +1,8 @@
 // Self-checking test of csrc/include/bissl_fast/cg_math.h: the chunk decomposition (every element
-// of every tensor, empty tensors included, covered exactly once) and a full CG solve run with the
-// header's element ops over several "tensors" in global mode, which on an n-dimensional SPD
-// system must reach the exact solution in n iterations. Plain main(); returns non-zero on failure.
+// of every tensor, empty tensors included, covered exactly once), the lane-wise host sums, and a
+// full CG solve run with the header's element ops over several "tensors" in global mode, which on
+// an n-dimensional SPD system must reach the exact solution in n iterations. Plain main(); returns
+// non-zero on failure.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -98,7 +99,33 @@ static void test_element_ops_float() {
   expect(cg::direction<float>(1.0f, 4.0f, 0.5f) == 3.0f, "direction float");
 }
 
+// lane_sum: same value as a plain double sum up to rounding, every element counted once
+// (lengths that are not multiples of kLanes), and exact on integer-valued terms.
+static void test_lane_sum() {
+  std::mt19937 gen(1);
+  std::uniform_real_distribution<double> uniform(-1.0, 1.0);
+  std::vector<double> v(1000);
+  for (double& x : v) x = uniform(gen);
+  for (int64_t begin : {0, 3}) {
+    for (int64_t end : {3, 8, 17, 1000}) {
+      if (end <= begin) continue;
+      double naive = 0.0;
+      for (int64_t i = begin; i < end; ++i) naive += v[i];
+      const double lanes = cg::lane_sum(begin, end, [&](int64_t i) { return v[i]; });
+      if (!(std::fabs(lanes - naive) <= 1e-12)) {
+        std::printf("FAIL lane_sum [%lld, %lld): %.17g vs %.17g\n", static_cast<long long>(begin),
+                    static_cast<long long>(end), lanes, naive);
+        ++failures;
+      }
+      const double count = cg::lane_sum(begin, end, [](int64_t i) { return static_cast<double>(i); });
+      expect(count == static_cast<double>((begin + end - 1) * (end - begin) / 2), "lane_sum counts each index once");
+    }
+  }
+  expect(cg::lane_sum(5, 5, [](int64_t) { return 1.0; }) == 0.0, "lane_sum of an empty range");
+}
+
 int main() {
+  test_lane_sum();
   test_chunks();
   test_cg_solves_spd();
   test_element_ops_float();

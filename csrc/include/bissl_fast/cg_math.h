@@ -12,9 +12,10 @@
 //
 // The element updates are the expressions of the reference loop (x + alpha*d, r - alpha*ad,
 // r + beta*d) evaluated in the op type A (float for float/half/bfloat16 storage, double for
-// double). Dot products accumulate in double over fixed chunks of kChunk elements; the chunk
-// partials of a tensor are then summed in chunk order, so results do not depend on the number of
-// threads or blocks that ran.
+// double). Dot products accumulate in double over fixed chunks of kChunk elements (on the CPU in
+// kLanes interleaved partial sums per chunk, on CUDA in a fixed block tree); the chunk partials of
+// a tensor are then summed in chunk order, so results do not depend on the number of threads or
+// blocks that ran.
 //
 // Work decomposition: every tensor is cut into ceil(numel / kChunk) chunks; chunk_starts[t] is the
 // index of tensor t's first chunk (a prefix sum, chunk_starts[T] = total chunks). A CPU task or a
@@ -69,6 +70,25 @@ BISSL_HD A update_xr(A& x, A& r, A d, A ad, A alpha) {
 template <typename A>
 BISSL_HD A direction(A r, A d, A beta) {
   return r + beta * d;
+}
+
+// Host-side dot accumulation: sum over i in [begin, end) of body(i) (a double) in kLanes
+// interleaved partial sums (lane = (i - begin) % kLanes) combined in a fixed order at the end.
+// Independent lanes let the compiler vectorize the loop without reassociating any sum, so the
+// result is reproducible and independent of threading.
+constexpr int kLanes = 8;
+
+template <typename Body>
+inline double lane_sum(int64_t begin, int64_t end, Body&& body) {
+  double lane[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = begin;
+  for (; i + kLanes <= end; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] += body(i + j);
+  }
+  for (int j = 0; i < end; ++i, ++j) lane[j] += body(i);
+  double s = 0.0;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  return s;
 }
 
 }  // namespace cg
