@@ -26,7 +26,7 @@ def _extensions():
 
     sources = rel("csrc/*.cpp") + rel("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (
         torch.version.cuda is not None and CUDA_HOME is not None
     )

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Iterator
 
 import torch
@@ -14,10 +15,19 @@ def poison_outputs(enabled: bool = True) -> Iterator[None]:
     """Within the block, every kernel output starts as NaN instead of uninitialized memory."""
     global _poison
     previous, _poison = _poison, enabled
+    sync_extension()
     try:
         yield
     finally:
         _poison = previous
+        sync_extension()
+
+
+def sync_extension() -> None:
+    """Mirror the poison flag into the C++ ops' allocator, if the extension is loaded."""
+    ext = sys.modules.get("bissl_fast._C")
+    if ext is not None:
+        ext.set_poison_outputs(_poison)
 
 
 def empty_output(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -35,6 +35,9 @@ def _probe() -> dict[str, tuple[bool, str]]:
     try:
         ext = importlib.import_module("bissl_fast._C")
         status["cpp"] = (True, "")
+        from ._alloc import sync_extension
+
+        sync_extension()
     except ImportError as exc:
         ext = None
         status["cpp"] = (False, f"the C++ extension bissl_fast._C is not importable ({exc}); {_BUILD_FIX}")

@@ -27,6 +27,16 @@ def test_import_probes_nothing():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_public_names_are_the_functions_not_their_modules():
+    code = (
+        "import bissl_fast.nt_xent, bissl_fast.byol, bissl_fast; "
+        "from bissl_fast import nt_xent, byol_loss, HessianOperator; "
+        "assert callable(nt_xent) and not isinstance(nt_xent, type(bissl_fast)), nt_xent; "
+        "assert callable(byol_loss) and callable(HessianOperator)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_backends_reports_every_backend_with_reasons():
     available = bissl_fast.backends()
     assert set(available) == {"torch", "cpp", "triton", "cuda"}
@@ -57,6 +67,19 @@ def test_triton_on_cpu_needs_the_interpreter():
         pytest.skip("only meaningful without the interpreter and with triton installed")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", torch.device("cpu"), ("torch", "triton"), {})
+
+
+def test_poisoning_reaches_the_compiled_ops():
+    if not bissl_fast.backends()["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    from bissl_fast._alloc import poison_outputs
+    from bissl_fast._backends import extension
+
+    ext = extension()
+    assert ext.poison_outputs_enabled()  # the autouse fixture of conftest poisons every test
+    with poison_outputs(False):
+        assert not ext.poison_outputs_enabled()
+    assert ext.poison_outputs_enabled()
 
 
 def test_unknown_attribute_raises():

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../output_alloc.h"
 #include "bissl_fast/byol_math.h"
 
 namespace bissl_fast {
@@ -54,7 +55,7 @@ at::Tensor byol_fwd_cpu(const at::Tensor& p_in, const at::Tensor& t_in) {
   check_rows(p_in, t_in, "byol_fwd");
   const auto p = p_in.contiguous(), t = t_in.contiguous();
   const int64_t B = p.size(0), D = p.size(1);
-  auto out = at::empty({B}, p.options());
+  auto out = empty_output({B}, p.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "byol_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
@@ -76,8 +77,8 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd_cpu(const at::Tensor& grad_in, const
   check_grad(grad_in, p_in, "byol_bwd");
   const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous();
   const int64_t B = p.size(0), D = p.size(1);
-  auto dp = at::empty_like(p);
-  auto dt = t_grad ? at::empty_like(t) : at::empty({0}, p.options());
+  auto dp = empty_output_like(p);
+  auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "byol_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
@@ -118,9 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cpu(const at::Tensor& gr
   const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous(), wp = wp_in.contiguous();
   const at::Tensor wt = wt_opt.has_value() ? wt_opt->contiguous() : at::Tensor();
   const int64_t B = p.size(0), D = p.size(1);
-  auto dgrad = at::empty({B}, p.options());
-  auto dp = at::empty_like(p);
-  auto dt = t_grad ? at::empty_like(t) : at::empty({0}, p.options());
+  auto dgrad = empty_output({B}, p.options());
+  auto dp = empty_output_like(p);
+  auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "byol_hvp_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = p.const_data_ptr<scalar_t>();

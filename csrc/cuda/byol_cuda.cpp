@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include "../output_alloc.h"
+
 namespace bissl_fast {
 namespace byol_cuda {
 
@@ -66,7 +68,7 @@ at::Tensor byol_fwd_cuda(const at::Tensor& p_in, const at::Tensor& t_in) {
   const c10::cuda::CUDAGuard guard(p_in.device());
   const auto p = p_in.contiguous(), t = t_in.contiguous();
   const int64_t B = p.size(0), D = p.size(1);
-  auto out = at::empty({B}, p.options());
+  auto out = empty_output({B}, p.options());
   C10_CUDA_CHECK(fwd(dtype_of(p, "byol_fwd"), p.const_data_ptr(), t.const_data_ptr(), out.mutable_data_ptr(), B, D,
                      c10::cuda::getCurrentCUDAStream()));
   return out;
@@ -79,8 +81,8 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd_cuda(const at::Tensor& grad_in, cons
   const c10::cuda::CUDAGuard guard(p_in.device());
   const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous();
   const int64_t B = p.size(0), D = p.size(1);
-  auto dp = at::empty_like(p);
-  auto dt = t_grad ? at::empty_like(t) : at::empty({0}, p.options());
+  auto dp = empty_output_like(p);
+  auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
   C10_CUDA_CHECK(bwd(dtype_of(p, "byol_bwd"), grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
                      dp.mutable_data_ptr(), t_grad ? dt.mutable_data_ptr() : nullptr, B, D,
                      c10::cuda::getCurrentCUDAStream()));
@@ -98,9 +100,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cuda(const at::Tensor& g
   const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous(), wp = wp_in.contiguous();
   const at::Tensor wt = wt_opt.has_value() ? wt_opt->contiguous() : at::Tensor();
   const int64_t B = p.size(0), D = p.size(1);
-  auto dgrad = at::empty({B}, p.options());
-  auto dp = at::empty_like(p);
-  auto dt = t_grad ? at::empty_like(t) : at::empty({0}, p.options());
+  auto dgrad = empty_output({B}, p.options());
+  auto dp = empty_output_like(p);
+  auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
   C10_CUDA_CHECK(hvp(dtype_of(p, "byol_hvp"), grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
                      wp.const_data_ptr(), wt.defined() ? wt.const_data_ptr() : nullptr, dgrad.mutable_data_ptr(),
                      dp.mutable_data_ptr(), t_grad ? dt.mutable_data_ptr() : nullptr, B, D,
