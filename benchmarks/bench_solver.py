@@ -17,14 +17,13 @@ import copy
 
 import pytest
 import torch
+from bench_utils import bench_sizes_full
 from torch import nn
 
 from bissl_fast import reference
 from bissl_fast._backends import backends
 from bissl_fast.models import PretextModel, SmallResNet, resnet18_cifar
 from bissl_fast.solver import HessianOperator, ImplicitGradient, cg_solve, check_damping
-
-from bench_utils import bench_sizes_full
 
 SOLVES, CG_ITERS = 8, 5
 
@@ -134,7 +133,7 @@ def test_upper_stage(benchmark_op, bench_device, backbone, batch, res, loss, pro
 
 def resnet50_shapes(div: int = 1) -> list[tuple[int, ...]]:
     """The 161 parameter shapes of torchvision's ResNet-50 (channel counts divided by ``div``)."""
-    c = lambda n: max(1, n // div)  # noqa: E731
+    c = lambda n: max(1, n // div)
     shapes: list[tuple[int, ...]] = [(c(64), 3, 7, 7), (c(64),), (c(64),)]
     in_ch = 64
     for width, blocks in zip((64, 128, 256, 512), (3, 4, 6, 3)):

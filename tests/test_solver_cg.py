@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import rel_err
+from test_solver_hessian import make_problem, make_tiny_problem, random_like
 
 from bissl_fast import reference as R
 from bissl_fast._backends import BackendUnavailableError, backends
-from bissl_fast.solver import CGInfo, HessianOperator, ImplicitGradient, cg_solve, check_damping, top_eigenvalues
-from helpers import rel_err
-from test_solver_hessian import make_problem, make_tiny_problem, random_like
+from bissl_fast.solver import (
+    CGInfo,
+    HessianOperator,
+    ImplicitGradient,
+    cg_solve,
+    check_damping,
+    top_eigenvalues,
+)
 
 
 @pytest.fixture(autouse=True)

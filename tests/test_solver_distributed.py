@@ -37,10 +37,11 @@ def _worker(rank: int, port: int) -> None:
 
 
 def _check(rank: int) -> None:
-    from bissl_fast import reference as R
-    from bissl_fast.solver import HessianOperator, ImplicitGradient, _dist
     from helpers import rel_err
     from test_solver_hessian import make_problem, random_like
+
+    from bissl_fast import reference as R
+    from bissl_fast.solver import HessianOperator, ImplicitGradient, _dist
 
     problems = [make_problem("simclr", data_seed=100 + r) for r in range(WORLD)]
     mine = problems[rank]

@@ -9,17 +9,17 @@ import copy
 import dataclasses
 import gc
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import rel_err
 from torch import nn
 
 from bissl_fast import reference as R
 from bissl_fast._memory import peak_memory_bytes
 from bissl_fast.models import PretextModel, SmallResNet
 from bissl_fast.solver import HessianOperator
-from helpers import rel_err
 
 
 @pytest.fixture(autouse=True)
@@ -64,7 +64,7 @@ class Problem:
         return self.loss_with(self.net)
 
     def functional_loss(self, *ps: torch.Tensor) -> torch.Tensor:
-        fwd = lambda x: torch.func.functional_call(self.net, dict(zip(self.names, ps)), (x,))  # noqa: E731
+        fwd = lambda x: torch.func.functional_call(self.net, dict(zip(self.names, ps)), (x,))
         return self.loss_with(fwd)
 
     def bn_state(self) -> list[torch.Tensor]:
@@ -277,9 +277,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="scalar"):
         HessianOperator(lambda: prob.loss_fn().expand(2), prob.params)
     byol = make_problem("byol")
-    with HessianOperator(byol.loss_fn, byol.params, mode="fwd-rev", module=byol.net) as op:
-        with pytest.raises(RuntimeError, match="target network"):
-            op.matvec(random_like(byol.params))
+    with (
+        HessianOperator(byol.loss_fn, byol.params, mode="fwd-rev", module=byol.net) as op,
+        pytest.raises(RuntimeError, match="target network"),
+    ):
+        op.matvec(random_like(byol.params))
     with HessianOperator(prob.loss_fn, prob.params) as op:
         with pytest.raises(ValueError, match=r"v\[0\] must have shape"):
             op.matvec((v[0][:1], *v[1:]))

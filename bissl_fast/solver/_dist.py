@@ -1,7 +1,7 @@
 """Averaging over torch.distributed ranks with one bucketed all-reduce per call."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist

@@ -4,11 +4,16 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .._validation import check_int_at_least, check_positive, check_same_device, check_tensor_tuple
+from .._validation import (
+    check_int_at_least,
+    check_positive,
+    check_same_device,
+    check_tensor_tuple,
+)
 from ..reference import CG_EPS
 from ._multi_tensor import vector_ops
 

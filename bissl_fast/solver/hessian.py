@@ -37,7 +37,8 @@ Distributed: when a process group with more than one rank is initialized (or
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -45,6 +46,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._validation import check_tensor_tuple
 from ._dist import bucketed_mean, is_distributed
+
+if TYPE_CHECKING:  # typing.Self is Python >= 3.11; the package supports 3.10
+    from typing_extensions import Self
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -151,7 +155,7 @@ class HessianOperator:
         params: Sequence[torch.Tensor] | None = None,
         mode: str = "fwd-rev",
         average_over_ranks: bool | None = None,
-    ) -> "HessianOperator":
+    ) -> HessianOperator:
         """Operator for ``loss_fn()`` (which calls ``module``) w.r.t. ``params`` (default: all trainable
         parameters of ``module``), forward-over-reverse by default."""
         if params is None:
@@ -179,7 +183,7 @@ class HessianOperator:
         self._grad_index = []
         self._released = True
 
-    def __enter__(self) -> "HessianOperator":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import numbers
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from .._validation import check_int_at_least, check_nonnegative, check_positive, check_tensor_tuple
+from .._validation import (
+    check_int_at_least,
+    check_nonnegative,
+    check_positive,
+    check_tensor_tuple,
+)
 from ._dist import bucketed_mean, is_distributed
 from .cg import CGInfo, cg_solve
 from .hessian import HessianOperator

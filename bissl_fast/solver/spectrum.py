@@ -7,7 +7,7 @@ network is indefinite, so this is worth checking when picking ``damping``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -17,6 +17,7 @@
 
 #include <vector>
 
+#include "../output_alloc.h"
 #include "bissl_fast/cg_math.h"
 
 namespace bissl_fast {
@@ -66,7 +67,7 @@ namespace {
 // Per-tensor sums of the chunk partials, in chunk order (deterministic).
 at::Tensor sum_partials(const std::vector<double>& partials, const std::vector<int64_t>& starts) {
   const int64_t T = static_cast<int64_t>(starts.size()) - 1;
-  auto out = at::empty({T}, at::TensorOptions().dtype(at::kDouble));
+  auto out = empty_output({T}, at::TensorOptions().dtype(at::kDouble));
   double* o = out.data_ptr<double>();
   for (int64_t t = 0; t < T; ++t) {
     double acc = 0.0;

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "../output_alloc.h"
 #include "bissl_fast/cg_math.h"
 
 namespace bissl_fast {
@@ -71,8 +72,9 @@ struct Scratch {
 
 Scratch scratch(const at::Tensor& like, int64_t chunks, int64_t T) {
   const auto opts = at::TensorOptions().device(like.device());
+  // partials and ticket are scratch; out is the op's output (NaN-poisoned under the test suite).
   return {at::empty({chunks}, opts.dtype(at::kDouble)), at::empty({1}, opts.dtype(at::kInt)),
-          at::empty({T}, opts.dtype(at::kDouble))};
+          empty_output({T}, opts.dtype(at::kDouble))};
 }
 
 at::Tensor cg_dot_cuda(at::TensorList a, at::TensorList b) {
