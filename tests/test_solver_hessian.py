@@ -259,6 +259,7 @@ def test_no_memory_growth_over_50_operator_lifetimes():
 
 def test_bad_inputs_raise_clear_errors():
     prob = make_problem("simclr")
+    prob_x = torch.randn(4, 1, 8, 8, dtype=torch.float64)
     v = random_like(prob.params)
     with pytest.raises(TypeError, match="loss_fn"):
         HessianOperator(3.0, prob.params)
@@ -282,6 +283,23 @@ def test_bad_inputs_raise_clear_errors():
         pytest.raises(RuntimeError, match="target network"),
     ):
         op.matvec(random_like(byol.params))
+
+    class OldStyleSquare(torch.autograd.Function):  # no setup_context: unusable under torch.func
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            return 2 * ctx.saved_tensors[0] * g
+
+    with (
+        HessianOperator(lambda: OldStyleSquare.apply(prob.net(prob_x)).sum(), prob.params, mode="fwd-rev",
+                        module=prob.net) as op,
+        pytest.raises(RuntimeError, match="without torch.func support"),
+    ):
+        op.matvec(v)
     with HessianOperator(prob.loss_fn, prob.params) as op:
         with pytest.raises(ValueError, match=r"v\[0\] must have shape"):
             op.matvec((v[0][:1], *v[1:]))
