@@ -78,8 +78,10 @@ def cg_solve(
             ``bissl_fast.solver._multi_tensor``).
 
     ``alpha = r.r / (d.Ad + 1e-12)``, ``beta = r'.r' / (r.r + 1e-12)`` per tensor (layerwise) or
-    on the totals (global); scalars are float64. The result is detached and goes through
-    ``nan_to_num``; if it contained NaN/inf a ``RuntimeWarning`` is issued.
+    on the totals (global); scalars are float64 device tensors, so without ``tol`` /
+    ``return_info`` the only host synchronization is the final non-finite check. The result is
+    detached and goes through ``nan_to_num``; if it contained NaN/inf a ``RuntimeWarning`` is
+    issued. CG is not differentiated through (``b`` and ``x0`` are detached).
 
     Returns:
         ``x`` (tuple shaped like ``b``), or ``(x, info)`` with ``return_info=True``.
