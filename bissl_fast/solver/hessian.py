@@ -19,8 +19,9 @@ a product:
     parameters.
 
 ``mode="auto"`` picks ``"rev-rev"`` on every device. On CPU it is the measured winner
-(``benchmarks/bench_solver.py``, SmallResNet upper stage, one thread: rev-rev 1.5-1.6x faster
-than the paper's recompute, fwd-rev 0.45x, i.e. slower than recompute). On CUDA no measurement
+(``benchmarks/bench_solver.py``, SmallResNet upper stage, one thread, process CPU time: rev-rev
+1.5-1.65x faster than the paper's recompute, fwd-rev 0.45-0.7x, i.e. slower than recompute, and
+with twice the peak memory). On CUDA no measurement
 has been made yet; ``rev-rev`` is chosen there too because it needs no ``module`` and does the
 least work per product (one double backward, no forward). Revisit once GPU numbers exist.
 
