@@ -66,10 +66,10 @@ _DEFAULTS = {
     "image_size": (8, 8),
     "widths": ([16, 32], [8, 16]),
     "pretrain_epochs": (30, 4),
-    "bissl_stages": (8, 2),
+    "bissl_stages": (12, 2),
     "finetune_epochs": (30, 6),
     "seeds": (3, 2),
-    "labels_per_class": (20, 10),
+    "labels_per_class": (10, 10),
     "test_per_class": (60, 30),
     "batch_size": (128, 64),
 }
@@ -214,7 +214,7 @@ def _figure(summary: dict[str, Any], path: str) -> None:
     axes[1].plot(summary["curves"]["pretrain_loss"], marker="o")
     axes[1].set_xlabel("pretraining epoch")
     axes[1].set_ylabel(f"{summary['config']['pretext']} loss")
-    axes[1].set_title("pretext pretraining")
+    axes[1].set_title("pretraining (bottom axis), BiSSL stages (top axis)", pad=30, fontsize=10)
     ax2 = axes[1].twiny()
     ax2.plot(summary["curves"]["bissl_lower_loss"], color="tab:orange", marker="s", label="BiSSL lower (pretext)")
     ax2.plot(summary["curves"]["bissl_upper_loss"], color="tab:green", marker="^", label="BiSSL upper (downstream)")

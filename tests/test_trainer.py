@@ -159,7 +159,7 @@ def test_lower_step_formula_and_clipping(digits):
     )
     before = [p.detach().clone() for p in clipped.lower_model.parameters()]
     clipped.train_stage()
-    step = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(clipped.lower_model.parameters(), before)))
+    step = torch.sqrt(sum(((a.detach() - b) ** 2).sum() for a, b in zip(clipped.lower_model.parameters(), before)))
     assert float(step) == pytest.approx(1e-3, rel=1e-6)
 
 
