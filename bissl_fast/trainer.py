@@ -47,7 +47,6 @@ Tensors = tuple[torch.Tensor, ...]
 
 _PRETEXTS = ("simclr", "byol")
 _SOLVERS = ("reuse", "recompute")
-_HVP_MODES = ("rev-rev", "fwd-rev")
 
 
 @dataclass
@@ -62,8 +61,6 @@ class BiSSLConfig:
     clip_norm: max total gradient norm of each level's step.
     temperature: NT-Xent temperature. byol_momentum: EMA rate of the BYOL target network.
     solver: ``"reuse"`` (Hessian operator built once per upper stage) or ``"recompute"`` (paper).
-    hvp_mode: product mode of the reuse operator: ``"rev-rev"`` (graph built once) or ``"fwd-rev"``
-    (forward-over-reverse, no retained graph); see :class:`~bissl_fast.solver.HessianOperator`.
     backend: backend of the fused losses (``"auto" | "torch" | "cpp" | "triton" | "cuda"``).
     progress: show a tqdm bar (rank 0 only).
     """
@@ -79,7 +76,6 @@ class BiSSLConfig:
     temperature: float = 0.5
     byol_momentum: float = 0.99
     solver: str = "reuse"
-    hvp_mode: str = "rev-rev"
     backend: str = "auto"
     progress: bool = True
 
@@ -88,8 +84,6 @@ class BiSSLConfig:
             raise ValueError(f"pretext must be one of {_PRETEXTS}, got {self.pretext!r}")
         if self.solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {self.solver!r}")
-        if self.hvp_mode not in _HVP_MODES:
-            raise ValueError(f"hvp_mode must be one of {_HVP_MODES}, got {self.hvp_mode!r}")
         check_int_at_least("lower_iters", self.lower_iters, 0)
         check_int_at_least("upper_iters", self.upper_iters, 0)
         check_int_at_least("cg_iters", self.cg_iters, 1)
@@ -500,7 +494,9 @@ class BiSSLTrainer:
 
         from .solver import HessianOperator, ImplicitGradient
 
-        op = HessianOperator(loss_fn, self.lower_params, mode=cfg.hvp_mode, module=self.lower_model)
+        # Reverse-over-reverse on the retained graph: the fused losses are autograd.Functions
+        # without torch.func support, which the operator's forward-over-reverse mode needs.
+        op = HessianOperator(loss_fn, self.lower_params, mode="rev-rev")
         ig = ImplicitGradient(self.lower_params, lam=cfg.lam, damping=cfg.damping, iters=cfg.cg_iters, layerwise=cfg.layerwise)
 
         def solve_reuse(v: Tensors) -> Tensors:
@@ -513,7 +509,18 @@ class BiSSLTrainer:
     # ---------------------------------------------------------------- stages
 
     def train_stage(self) -> dict[str, Any]:
-        """One BiSSL stage (lower stage, then upper stage); returns and logs its summary."""
+        """One BiSSL stage (lower stage, then upper stage); returns and logs its summary.
+
+        The upper stage draws its fixed lower batch from the lower loader (``lower_iters + 1``
+        lower batches per stage) and leaves the lower model and the BYOL target unchanged,
+        BatchNorm running statistics included. The log entry has: ``stage``, ``lower_loss`` /
+        ``upper_loss`` (means; the upper one is ``L_D`` through the upper backbone) and the
+        per-step ``lower_losses`` / ``upper_losses``, ``cg_relative_residuals`` (final
+        ``||r|| / ||v||`` of each upper step's CG; empty for ``solver="recompute"``, whose
+        reference does not report it), ``lower_time_s``, ``upper_time_s``, ``lower_steps_per_s``,
+        ``upper_steps_per_s``, ``hvp_per_s`` (Hessian products per second in the upper stage) and
+        ``lower_batch_size`` (per rank).
+        """
         cfg = self.config
         self.lower_model.train()
         self.upper_model.train()
