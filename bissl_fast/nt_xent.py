@@ -431,7 +431,7 @@ def nt_xent(
             inputs always use their own tensor-core dots; the torch path ignores it (it follows
             ``torch.backends.cuda.matmul.allow_tf32``).
         check_finite: if True, raise ``ValueError`` when ``z`` contains NaN or inf (costs one
-            reduction and a host sync; off by default).
+            reduction and a host sync, and a graph break under ``torch.compile``; off by default).
 
     Drop-in mapping:
 

@@ -11,8 +11,11 @@ weights ``c`` (the incoming gradient of ``lse``), the three kernels compute
 Every program owns a block of ``BLOCK_M`` rows and streams over all column tiles; since ``s`` is
 symmetric, the transposed probabilities ``P_ji = exp(s_ij - lse_j)`` are available in the same tile,
 so each output row block is written by exactly one program (no atomics, no ``N x N`` buffer).
-Dot products read ``D`` in chunks of ``BLOCK_K``; outputs with ``D`` columns are split over a
-second grid axis in chunks of ``BLOCK_DO`` (one chunk for ``D <= 256``). Accumulation is fp32;
+Two kernel families: for ``D`` padded to a power of two ``<= 256`` the "resident" kernels hold a
+program's ``[BLOCK_M, D]`` rows for the whole sweep and load each ``[BLOCK_N, D]`` column block
+once for both the logits dot and the probability-value dot; wider rows use the K-loop kernels,
+which read ``D`` in chunks of ``BLOCK_K`` and split outputs over a second grid axis in chunks of
+``BLOCK_DO``. Accumulation is fp32;
 fp32 dots use ``input_precision`` "ieee" or "tf32"; with fp16/bf16 inputs the logits dots run in
 the input dtype and the probability-value dots in bf16 (see ``_pv_dot``).
 
