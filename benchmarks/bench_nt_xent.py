@@ -12,9 +12,8 @@ import pytest
 import torch
 from bench_utils import bench_sizes_full
 
-from bissl_fast import reference
+from bissl_fast import nt_xent, reference
 from bissl_fast._backends import backends
-from bissl_fast.nt_xent import nt_xent
 
 PROVIDERS = ["reference", "torch", "triton"]  # reference first: the others' speedup is against it
 MODES = ["fwd", "fwd+bwd", "hvp"]

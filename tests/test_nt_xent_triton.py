@@ -12,8 +12,10 @@ import torch
 import torch.nn.functional as F
 from helpers import mlp_hvp, rel_err
 
-from bissl_fast import reference
-from bissl_fast.nt_xent import NTXentFunction, nt_xent
+# isort: off
+from bissl_fast import nt_xent  # the lazy public name first (see test_nt_xent.py)
+from bissl_fast import NTXentFunction, reference
+# isort: on
 
 triton = pytest.importorskip("triton")
 tl = triton.language
