@@ -16,7 +16,7 @@ from bench_utils import bench_sizes_full
 
 from bissl_fast import reference
 from bissl_fast._backends import backends
-from bissl_fast.byol import byol_loss
+from bissl_fast import byol_loss
 
 PROVIDERS = ["reference", "torch", "cpp", "cuda", "triton"]  # reference first: the speedups are against it
 MODES = ["fwd", "fwd+bwd", "hvp"]

@@ -13,17 +13,19 @@ from ._backends import BackendUnavailableError, backend_reasons, backends
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "NTXentFunction": "nt_xent",
-    "NTXentLoss": "nt_xent",
-    "nt_xent": "nt_xent",
-    "BYOLLossFunction": "byol",
-    "BYOLLoss": "byol",
-    "byol_loss": "byol",
-    "normalized_regression": "byol",
+_LAZY = {  # public name -> module under bissl_fast
+    "NTXentFunction": "ops.nt_xent",
+    "NTXentLoss": "ops.nt_xent",
+    "nt_xent": "ops.nt_xent",
+    "BYOLLossFunction": "ops.byol",
+    "BYOLLoss": "ops.byol",
+    "byol_loss": "ops.byol",
+    "normalized_regression": "ops.byol",
     "HessianOperator": "solver",
     "ImplicitGradient": "solver",
     "CGInfo": "solver",
+    "DampingReport": "solver",
+    "check_damping": "solver",
     "cg_solve": "solver",
     "top_eigenvalues": "solver",
     "BiSSLTrainer": "trainer",

@@ -146,11 +146,11 @@ def _losses() -> tuple[Any, Any]:
     from . import reference
 
     try:
-        from .nt_xent import nt_xent
+        from .ops.nt_xent import nt_xent
     except ImportError:
         nt_xent = reference.nt_xent
     try:
-        from .byol import byol_loss
+        from .ops.byol import byol_loss
     except ImportError:
         byol_loss = reference.byol_loss
     return nt_xent, byol_loss

@@ -128,15 +128,15 @@ def _mean_over_ranks(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
 
 def _nt_xent(z: torch.Tensor, temperature: float, views: int, backend: str) -> torch.Tensor:
     """Fused NT-Xent of view-major ``z`` ``[m*b, D]``; in distributed runs over the gathered global batch."""
-    from .nt_xent import nt_xent
+    from .ops.nt_xent import nt_xent
 
     return nt_xent(z, temperature=temperature, views=views, backend=backend, gather=_distributed())
 
 
 def _byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, backend: str) -> torch.Tensor:
-    """Fused BYOL loss (DESIGN §2.2) when :mod:`bissl_fast.byol` is built, else the reference (same value)."""
+    """Fused BYOL loss (DESIGN §2.2) when :mod:`bissl_fast.ops.byol` is built, else the reference (same value)."""
     try:
-        from .byol import byol_loss
+        from .ops.byol import byol_loss
     except ImportError:
         return reference.byol_loss(p1, p2, t1, t2)
     return byol_loss(p1, p2, t1, t2, backend=backend)

@@ -15,7 +15,7 @@ from bissl_fast import (
     normalized_regression,
     reference,
 )
-from bissl_fast import byol as byol_mod
+from bissl_fast.ops import byol as byol_mod
 from bissl_fast._backends import backend_reasons, backends
 
 needs_cpp = pytest.mark.skipif(not backends()["cpp"], reason=backend_reasons().get("cpp", ""))

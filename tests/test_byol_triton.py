@@ -18,7 +18,7 @@ from test_byol import (
 )
 
 from bissl_fast import BYOLLoss, byol_loss, normalized_regression, reference
-from bissl_fast import byol as byol_mod
+from bissl_fast.ops import byol as byol_mod
 from bissl_fast._backends import backends
 
 pytestmark = pytest.mark.triton

@@ -8,16 +8,9 @@ import torch
 import torch.nn.functional as F
 from helpers import mlp_hvp, rel_err
 
-# isort: off
-# The lazy public name ``nt_xent`` first: loading the submodule before it (directly or through
-# another lazy name) binds ``bissl_fast.nt_xent`` to the module instead of the function.
-from bissl_fast import nt_xent
-from bissl_fast import BackendUnavailableError, NTXentFunction, NTXentLoss, backends, reference
-# isort: on
+from bissl_fast import BackendUnavailableError, NTXentFunction, NTXentLoss, backends, nt_xent, reference
 from bissl_fast._memory import peak_memory_bytes
-
-# The module itself (``import bissl_fast.nt_xent as m`` would give the function).
-ntx = importlib.import_module("bissl_fast.nt_xent")
+from bissl_fast.ops import nt_xent as ntx
 
 # (N, D, views): N and D are not multiples of any block size; N = 2*3 is a single view pair per row.
 SHAPES = [(6, 3, 2), (74, 100, 2), (150, 130, 3)]

@@ -48,7 +48,7 @@ def _worker(rank: int, port: int) -> None:
 
     from bissl_fast import reference
 
-    nt_xent = importlib.import_module("bissl_fast.nt_xent").nt_xent
+    nt_xent = importlib.import_module("bissl_fast.ops.nt_xent").nt_xent
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,

@@ -12,10 +12,8 @@ import torch
 import torch.nn.functional as F
 from helpers import mlp_hvp, rel_err
 
-# isort: off
-from bissl_fast import nt_xent  # the lazy public name first (see test_nt_xent.py)
-from bissl_fast import NTXentFunction, reference
-# isort: on
+from bissl_fast import NTXentFunction, nt_xent, reference
+from bissl_fast.ops import nt_xent as ntx
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -27,7 +25,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
 ]
 
-ntx = importlib.import_module("bissl_fast.nt_xent")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 

@@ -30,9 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import reference
-from ._backends import BackendUnavailableError, extension, resolve_backend
-from ._validation import check_float_tensor, check_same_device, check_same_shape
+from .. import reference
+from .._backends import BackendUnavailableError, extension, resolve_backend
+from .._validation import check_float_tensor, check_same_device, check_same_shape
 
 SUPPORTED_BACKENDS = ("torch", "cpp", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -136,7 +136,7 @@ def cpp_ops() -> _RowOps:
 
 
 def _triton_kernels():
-    from .kernels import byol_triton
+    from ..kernels import byol_triton
 
     return byol_triton
 

@@ -30,16 +30,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ._alloc import empty_output, empty_output_like
-from ._backends import resolve_backend
-from ._validation import check_finite as _check_finite
-from ._validation import (
+from .._alloc import empty_output, empty_output_like
+from .._backends import resolve_backend
+from .._validation import check_finite as _check_finite
+from .._validation import (
     check_float_tensor,
     check_int_at_least,
     check_positive,
     parse_nt_xent_args,
 )
-from .reference import NORMALIZE_EPS
+from ..reference import NORMALIZE_EPS
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
 
@@ -146,7 +146,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _triton_kernels():
-    from .kernels import nt_xent_triton
+    from ..kernels import nt_xent_triton
 
     return nt_xent_triton
 
