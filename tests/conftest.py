@@ -17,6 +17,16 @@ def _poisoned_outputs_and_seed():
         yield
 
 
+@pytest.fixture
+def one_intra_op_thread():
+    """For tests of tiny problems: intra-op threads only add synchronization there (10x slower on
+    a busy 2-core machine). Restored after the test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
     for item in items:

@@ -19,14 +19,7 @@ from bissl_fast.solver import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These problems are tiny: intra-op threads only add synchronization (10x slower on a busy
-    2-core CI machine). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 # Awkward sizes: one tensor spans several 4096-element chunks and ends mid-chunk.
 SHAPES = [(37,), (3, 17), (4099,), (2, 3, 5, 5), (9001,)]

@@ -22,14 +22,7 @@ from bissl_fast.models import PretextModel, SmallResNet
 from bissl_fast.solver import HessianOperator
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """These problems are tiny: intra-op threads only add synchronization (10x slower on a busy
-    2-core CI machine). Restored after each test."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _losses(impl: str) -> tuple[Callable, Callable]:

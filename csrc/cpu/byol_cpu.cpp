@@ -13,6 +13,7 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include "../byol_checks.h"
 #include "../output_alloc.h"
 #include "bissl_fast/byol_math.h"
 
@@ -21,30 +22,9 @@ namespace {
 
 namespace bm = byol;
 
-void check_rows(const at::Tensor& p, const at::Tensor& t, const char* op) {
-  TORCH_CHECK(p.dim() == 2, op, ": p must be 2-D [B, D], got shape ", p.sizes());
-  TORCH_CHECK(p.sizes() == t.sizes(), op, ": p and t must have the same shape, got ", p.sizes(), " and ",
-              t.sizes());
-  TORCH_CHECK(p.scalar_type() == t.scalar_type(), op, ": p and t must share a dtype, got ", p.scalar_type(),
-              " and ", t.scalar_type());
-  TORCH_CHECK(p.device() == t.device(), op, ": p and t must be on one device");
-  TORCH_CHECK(at::isFloatingType(p.scalar_type()), op, ": expected a floating dtype, got ", p.scalar_type());
-}
-
-void check_like(const at::Tensor& x, const at::Tensor& p, const char* name, const char* op) {
-  TORCH_CHECK(x.sizes() == p.sizes(), op, ": ", name, " must have shape ", p.sizes(), ", got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == p.scalar_type(), op, ": ", name, " must have dtype ", p.scalar_type(), ", got ",
-              x.scalar_type());
-  TORCH_CHECK(x.device() == p.device(), op, ": ", name, " must be on ", p.device());
-}
-
-void check_grad(const at::Tensor& grad, const at::Tensor& p, const char* op) {
-  TORCH_CHECK(grad.dim() == 1 && grad.size(0) == p.size(0), op, ": grad must be [B] = [", p.size(0), "], got ",
-              grad.sizes());
-  TORCH_CHECK(grad.scalar_type() == p.scalar_type(), op, ": grad must have dtype ", p.scalar_type(), ", got ",
-              grad.scalar_type());
-  TORCH_CHECK(grad.device() == p.device(), op, ": grad must be on ", p.device());
-}
+using byol_checks::check_grad;
+using byol_checks::check_like;
+using byol_checks::check_rows;
 
 // Rows per parallel task: enough elements that the task outweighs the scheduling cost.
 int64_t grain(int64_t d) {
