@@ -24,7 +24,7 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     big = 1 << (26 if device.type == "cuda" else 24)
     src = torch.empty(big, dtype=torch.float32, device=device).normal_()
     dst = torch.empty_like(src)
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
 
@@ -154,6 +154,7 @@ def run_bench(
         raise FileNotFoundError(
             f"benchmark suites not found at {suite_dir}; run from a source checkout or pass --suite-dir"
         )
+    out_dir = out_dir.resolve()  # pytest runs inside the suite folder
     out_dir.mkdir(parents=True, exist_ok=True)
     raw = out_dir / "pytest_benchmark.json"
     env = dict(os.environ)

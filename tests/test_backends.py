@@ -126,10 +126,10 @@ def test_bench_cli_runs_a_suite(tmp_path):
         shutil.copy(BENCH_DIR / name, suite / name)
     (suite / "bench_tiny.py").write_text(_TINY_SUITE)
     out = tmp_path / "bench"
-    proc = subprocess.run(
-        [sys.executable, "-m", "bissl_fast.cli", "bench", "--suite-dir", str(suite), "--out", str(out),
+    proc = subprocess.run(  # a relative --out, resolved against the caller's folder
+        [sys.executable, "-m", "bissl_fast.cli", "bench", "--suite-dir", str(suite), "--out", "bench",
          "--device", "cpu", "--max-time", "0.01"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     results = json.loads((out / "results.json").read_text())
