@@ -49,9 +49,8 @@ def _offsets(pid, d0, B, D, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
 
 
 @triton.jit
-def _byol_fwd_kernel(P, T, OUT, B, D, ACC: tl.constexpr, EPS: tl.constexpr,
-                     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid = tl.program_id(0)
+def _row_sums(P, T, pid, B, D, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Per-row ``p.p``, ``t.t`` and ``p.t`` of the ``BLOCK_B`` rows of program ``pid``."""
     pp = tl.zeros([BLOCK_B], dtype=ACC)
     tt = tl.zeros([BLOCK_B], dtype=ACC)
     pt = tl.zeros([BLOCK_B], dtype=ACC)
@@ -62,6 +61,14 @@ def _byol_fwd_kernel(P, T, OUT, B, D, ACC: tl.constexpr, EPS: tl.constexpr,
         pp += tl.sum(x * x, axis=1)
         tt += tl.sum(y * y, axis=1)
         pt += tl.sum(x * y, axis=1)
+    return pp, tt, pt
+
+
+@triton.jit
+def _byol_fwd_kernel(P, T, OUT, B, D, ACC: tl.constexpr, EPS: tl.constexpr,
+                     BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    pp, tt, pt = _row_sums(P, T, pid, B, D, ACC, BLOCK_B, BLOCK_D)
     _, _, _, _, c = _row(pp, tt, pt, EPS)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     tl.store(OUT + rows, (2.0 - 2.0 * c).to(OUT.dtype.element_ty), mask=rows < B)
@@ -71,16 +78,7 @@ def _byol_fwd_kernel(P, T, OUT, B, D, ACC: tl.constexpr, EPS: tl.constexpr,
 def _byol_bwd_kernel(G, P, T, DP, DT, B, D, T_GRAD: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
-    pp = tl.zeros([BLOCK_B], dtype=ACC)
-    tt = tl.zeros([BLOCK_B], dtype=ACC)
-    pt = tl.zeros([BLOCK_B], dtype=ACC)
-    for d0 in range(0, D, BLOCK_D):
-        offs, mask = _offsets(pid, d0, B, D, BLOCK_B, BLOCK_D)
-        x = tl.load(P + offs, mask=mask, other=0.0).to(ACC)
-        y = tl.load(T + offs, mask=mask, other=0.0).to(ACC)
-        pp += tl.sum(x * x, axis=1)
-        tt += tl.sum(y * y, axis=1)
-        pt += tl.sum(x * y, axis=1)
+    pp, tt, pt = _row_sums(P, T, pid, B, D, ACC, BLOCK_B, BLOCK_D)
     inv_np, inv_nt, a, b, c = _row(pp, tt, pt, EPS)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     g = tl.load(G + rows, mask=rows < B, other=0.0).to(ACC)
