@@ -309,3 +309,24 @@ def test_triton_kernels_compile_for_sm90():
                 options={"num_warps": 4, "num_stages": 2},
             )
             assert compiled.asm["cubin"], name + suffix
+
+
+@pytest.mark.parametrize("views", [2, 3])
+def test_forward_over_reverse_hvp_matches_reference(views):
+    """``torch.func.jvp`` of ``torch.func.grad`` (the solver's "fwd-rev" product) through the fused
+    loss equals the reverse-over-reverse HVP through the reference, in float64."""
+    z = torch.randn(6 * views, 5, dtype=torch.float64)
+    w = torch.randn_like(z)
+
+    def hvp_fwd_rev(loss_fn):
+        return torch.func.jvp(torch.func.grad(loss_fn), (z,), (w,))[1]
+
+    fused = hvp_fwd_rev(lambda t: nt_xent(t, temperature=0.3, views=views, backend="torch") + t.pow(3).sum())
+    zr = z.clone().requires_grad_()
+    (g,) = torch.autograd.grad(reference.nt_xent(zr, 0.3, views=views) + zr.pow(3).sum(), zr, create_graph=True)
+    (expected,) = torch.autograd.grad(g, zr, w)
+    assert rel_err(fused, expected) < 1e-12
+    # Forward mode of the loss itself: the directional derivative <grad, w>.
+    (grad_ref,) = torch.autograd.grad(reference.nt_xent(zr, 0.3, views=views), zr)
+    _, directional = torch.func.jvp(lambda t: nt_xent(t, temperature=0.3, views=views, backend="torch"), (z,), (w,))
+    assert rel_err(directional, (grad_ref * w).sum()) < 1e-12

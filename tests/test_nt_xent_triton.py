@@ -72,6 +72,18 @@ def test_fp32_matches_fp64_reference(kernel_calls, n, d, views, tau):
     assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}
 
 
+def test_forward_over_reverse_hvp(kernel_calls):
+    """``torch.func.jvp`` of ``torch.func.grad`` (the solver's "fwd-rev" product) runs on the kernels."""
+    z = torch.randn(74, 100, device=DEVICE)
+    v = torch.randn_like(z)
+    loss_fn = lambda x: nt_xent(x, temperature=0.1, views=2, backend="triton")  # noqa: E731
+    hvp = torch.func.jvp(torch.func.grad(loss_fn), (z,), (v,))[1]
+    one = torch.tensor(1.0, dtype=torch.float64, device=DEVICE)
+    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.1), z.double(), one, v.double())[2]
+    assert rel_err(hvp, ref) < 1e-5
+    assert kernel_calls["lse_double_backward"] >= 1
+
+
 @pytest.mark.parametrize("d", [1, 5])
 def test_single_sample(kernel_calls, d):
     """B = 1 with 3 views (each row's other two rows are both positives); D = 1 pads K to 16."""

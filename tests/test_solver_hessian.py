@@ -158,6 +158,17 @@ def test_matmat_equals_k_matvecs(kind, mode):
             assert rel_err(tuple(t[j] for t in batched), single) < 1e-10
 
 
+def test_fwd_rev_matvec_with_the_fused_nt_xent():
+    prob = make_problem("simclr", "fused")
+    v = random_like(prob.params)
+    with HessianOperator.from_module(prob.modules, prob.loss_fn, prob.params) as op:
+        fwd_rev = op.matvec(v)
+        with pytest.raises(RuntimeError, match="matvec but not the vmapped matmat"):
+            op.matmat(random_like(prob.params, k=2))
+    with HessianOperator(prob.loss_fn, prob.params, mode="rev-rev") as op:
+        assert rel_err(fwd_rev, op.matvec(v)) < 1e-10
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("kind", ["simclr", "byol"])
 def test_fwd_rev_equals_rev_rev_and_leaves_running_stats_alone(kind, dtype, tol):

@@ -232,10 +232,15 @@ class _NTXentLseBackward(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, lse, c, inv_tau, backend, precision):
-        ctx.save_for_backward(u, lse, c)
-        ctx.inv_tau, ctx.backend, ctx.precision = inv_tau, backend, precision
+    def forward(u, lse, c, inv_tau, backend, precision):
         return torch.ops.bissl_fast.nt_xent_lse_backward(u, lse, c, inv_tau, backend, precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, lse, c, inv_tau, backend, precision = inputs
+        ctx.save_for_backward(u, lse, c)
+        ctx.save_for_forward(u, lse, c)
+        ctx.inv_tau, ctx.backend, ctx.precision = inv_tau, backend, precision
 
     @staticmethod
     def backward(ctx, w):
@@ -244,6 +249,32 @@ class _NTXentLseBackward(torch.autograd.Function):
             u, lse, c, w.to(u.dtype).contiguous(), ctx.inv_tau, ctx.backend, ctx.precision
         )
         return grad_u, None, grad_c if ctx.needs_input_grad[2] else None, None, None, None
+
+
+class _NTXentLseBackwardForwardAD(_NTXentLseBackward):
+    """:class:`_NTXentLseBackward` with a forward-mode rule, used under ``torch.func`` transforms.
+
+    A separate class because dynamo rejects autograd Functions that define ``jvp``, and the plain
+    classes must stay traceable by ``torch.compile``.
+    """
+
+    @staticmethod
+    def jvp(ctx, du, dlse, dc, *_):
+        """Forward mode (``torch.func.jvp`` of a gradient: the solver's "fwd-rev" HVP). The map is the
+        gradient of ``sum_i c_i lse_i``, so its Jacobian in ``u`` is that function's Hessian: symmetric,
+        hence equal to the double backward applied to the tangent. ``lse`` is a detached input (its
+        dependence on ``u`` is inside that Hessian), so ``dlse`` is ignored."""
+        u, lse, c = ctx.saved_tensors
+        out = torch.zeros_like(u)
+        if du is not None:
+            out = out + torch.ops.bissl_fast.nt_xent_lse_double_backward(
+                u, lse, c, du.to(u.dtype).contiguous(), ctx.inv_tau, ctx.backend, ctx.precision
+            )[0]
+        if dc is not None:
+            out = out + torch.ops.bissl_fast.nt_xent_lse_backward(
+                u, lse, dc.to(lse.dtype).contiguous(), ctx.inv_tau, ctx.backend, ctx.precision
+            )
+        return out
 
 
 class NTXentFunction(torch.autograd.Function):
@@ -264,24 +295,55 @@ class NTXentFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, temperature, backend="auto", precision="ieee"):
-        u = check_float_tensor("u", u, ndim=2).contiguous()
-        if u.shape[0] < 2:
-            raise ValueError(f"u needs at least 2 rows (the diagonal is excluded), got shape {tuple(u.shape)}")
-        inv_tau = 1.0 / check_positive("temperature", temperature)
-        precision = _check_precision(precision)
-        backend = _resolve_for(backend, u.device.type, u.dtype)
-        lse = torch.ops.bissl_fast.nt_xent_lse(u, inv_tau, backend, precision)
-        ctx.save_for_backward(u, lse)
-        ctx.inv_tau, ctx.backend, ctx.precision = inv_tau, backend, precision
-        return lse
+    def forward(u, temperature, backend="auto", precision="ieee"):
+        inv_tau, backend, precision = _lse_settings(u, temperature, backend, precision)
+        return torch.ops.bissl_fast.nt_xent_lse(u.contiguous(), inv_tau, backend, precision)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        u, temperature, backend, precision = (*inputs, "auto", "ieee")[:4]
+        ctx.inv_tau, ctx.backend, ctx.precision = _lse_settings(u, temperature, backend, precision)
+        ctx.save_for_backward(u, output)
+        ctx.save_for_forward(u, output)
 
     @staticmethod
     def backward(ctx, grad_lse):
         u, lse = ctx.saved_tensors
         c = grad_lse.to(lse.dtype).contiguous()
-        du = _NTXentLseBackward.apply(u, lse.detach(), c, ctx.inv_tau, ctx.backend, ctx.precision)
+        du = _for_transforms(_NTXentLseBackward, _NTXentLseBackwardForwardAD).apply(
+            u.contiguous(), lse.detach(), c, ctx.inv_tau, ctx.backend, ctx.precision
+        )
         return du, None, None, None
+
+
+class _NTXentFunctionForwardAD(NTXentFunction):
+    """:class:`NTXentFunction` with a forward-mode rule, used under ``torch.func`` transforms
+    (``torch.func.jvp`` of ``torch.func.grad``: the solver's "fwd-rev" products)."""
+
+    @staticmethod
+    def jvp(ctx, du, *_):
+        """Forward mode: ``d lse_i = (1/tau) sum_j P_ij (du_i . u_j + u_i . du_j)``, the ``r`` pass of
+        the double backward (which does not depend on its weights ``c``)."""
+        u, lse = ctx.saved_tensors
+        u = u.contiguous()
+        _, r = torch.ops.bissl_fast.nt_xent_lse_double_backward(
+            u, lse, torch.zeros_like(lse), du.to(u.dtype).contiguous(), ctx.inv_tau, ctx.backend, ctx.precision
+        )
+        return r * ctx.inv_tau
+
+
+def _for_transforms(plain: type, forward_ad: type) -> type:
+    """The Function class to apply: ``forward_ad`` under ``torch.func`` transforms, else ``plain``."""
+    return forward_ad if torch._C._are_functorch_transforms_active() else plain
+
+
+def _lse_settings(u: torch.Tensor, temperature: float, backend: str, precision: str) -> tuple[float, str, str]:
+    """Validated ``(1/tau, resolved backend, precision)`` of an :class:`NTXentFunction` call."""
+    check_float_tensor("u", u, ndim=2)
+    if u.shape[0] < 2:
+        raise ValueError(f"u needs at least 2 rows (the diagonal is excluded), got shape {tuple(u.shape)}")
+    inv_tau = 1.0 / check_positive("temperature", temperature)
+    return inv_tau, _resolve_for(backend, u.device.type, u.dtype), _check_precision(precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,7 +445,8 @@ def _loss(z: torch.Tensor, tau: float, views: int, backend: str, precision: str)
     # Triton takes 16-bit rows as they are (tensor-core dots, fp32 accumulation); the chunked path
     # computes in fp32 (fp64 for fp64 input).
     u_lse = u.to(z.dtype) if backend == "triton" else u
-    lse = NTXentFunction.apply(u_lse.contiguous(), tau, backend, precision)
+    lse_function = _for_transforms(NTXentFunction, _NTXentFunctionForwardAD)
+    lse = lse_function.apply(u_lse.contiguous(), tau, backend, precision)
     positives = sum((u * u.roll(-k * b, dims=0)).sum() for k in range(1, views))
     return lse.mean() - positives / (tau * n * (views - 1))
 

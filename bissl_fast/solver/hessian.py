@@ -304,11 +304,11 @@ class HessianOperator:
             with _batch_stats_without_tracking(self._wrapper.module), torch.enable_grad():
                 yield
         except RuntimeError as exc:
-            if "must override the setup_context" in str(exc):
+            if "must override the setup_context" in str(exc) or "does not have vmap support" in str(exc):
                 raise RuntimeError(
                     "fwd-rev: loss_fn uses a torch.autograd.Function without torch.func support (the fused "
-                    "bissl_fast.nt_xent / byol_loss are such functions today); use mode='rev-rev', or the "
-                    "bissl_fast.reference losses"
+                    "bissl_fast.byol_loss today; the fused bissl_fast.nt_xent supports matvec but not the "
+                    "vmapped matmat); use mode='rev-rev', or the bissl_fast.reference losses"
                 ) from exc
             if "mutate a captured Tensor" not in str(exc):
                 raise
