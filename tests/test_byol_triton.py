@@ -93,3 +93,16 @@ def test_module_and_per_row():
     assert rows.shape == (10,)
     assert rel_err(rows.cpu(), reference.normalized_regression(xs[0].double().cpu(), xs[3].double().cpu())) < FP32_TOL
     assert rel_err(byol_loss(*xs, backend="triton").cpu(), ref) < FP32_TOL
+
+
+def test_forward_over_reverse_matches_reference():
+    """``torch.func.jvp`` of ``torch.func.grad`` (the solver's "fwd-rev" product) on the Triton ops."""
+    p1, p2, t1, t2 = (torch.randn(9, 33) for _ in range(4))
+    w1, w2 = torch.randn_like(p1), torch.randn_like(p2)
+
+    def hvp(loss):
+        return torch.func.jvp(torch.func.grad(lambda a, b: loss(a, b, t1, t2), argnums=(0, 1)), (p1, p2), (w1, w2))[1]
+
+    got = hvp(lambda *xs: byol_loss(*xs, backend="triton"))
+    expected = hvp(lambda *xs: reference.byol_loss(*(x.double() for x in xs)))
+    assert rel_err(got, expected) < 1e-5

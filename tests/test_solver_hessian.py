@@ -158,8 +158,9 @@ def test_matmat_equals_k_matvecs(kind, mode):
             assert rel_err(tuple(t[j] for t in batched), single) < 1e-10
 
 
-def test_fwd_rev_matvec_with_the_fused_nt_xent():
-    prob = make_problem("simclr", "fused")
+@pytest.mark.parametrize("kind", ["simclr", "byol"])
+def test_fwd_rev_matvec_with_the_fused_losses(kind):
+    prob = make_problem(kind, "fused")
     v = random_like(prob.params)
     with HessianOperator.from_module(prob.modules, prob.loss_fn, prob.params) as op:
         fwd_rev = op.matvec(v)

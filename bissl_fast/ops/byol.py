@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .. import reference
 from .._backends import BackendUnavailableError, extension, resolve_backend
 from .._validation import check_float_tensor, check_same_device, check_same_shape
+from ._transforms import for_transforms
 
 SUPPORTED_BACKENDS = ("torch", "cpp", "cuda", "triton")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -228,13 +229,97 @@ class BYOLLossFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         p1, p2, t1, t2 = ctx.saved_tensors
         ops = _row_ops(ctx.backend)
-        b = p1.shape[0]
-        # d mean / d row = 1/B for every row of both pairs.
-        g = (grad / b).to(p1.dtype).expand(b).contiguous()
+        g = _row_weights(grad, p1)
         need_t1, need_t2 = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         dp1, dt2 = ops.bwd(g, p1, t2, need_t2)
         dp2, dt1 = ops.bwd(g, p2, t1, need_t1)
         return dp1, dp2, (dt1 if need_t1 else None), (dt2 if need_t2 else None), None
+
+
+class _RowBackwardForwardAD(torch.autograd.Function):
+    """``byol_bwd`` as an autograd Function with a forward-mode rule, for ``torch.func`` transforms.
+
+    ``(g, p, t) -> (dp, dt)`` is the gradient of ``sum_b g_b (2 - 2 cos(p_b, t_b))``, so its Jacobian
+    in ``(p, t)`` is that function's Hessian: symmetric, hence the JVP with tangents ``(wp, wt)`` is
+    the ``byol_hvp`` VJP with cotangents ``(wp, wt)``; ``g`` enters linearly (another ``byol_bwd``).
+    """
+
+    @staticmethod
+    def forward(g: Tensor, p: Tensor, t: Tensor, t_grad: bool, backend: str):
+        return _row_ops(backend).bwd(g, p, t, t_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, p, t, t_grad, backend = inputs
+        ctx.save_for_backward(g, p, t)
+        ctx.save_for_forward(g, p, t)
+        ctx.t_grad, ctx.backend = t_grad, backend
+
+    @staticmethod
+    def backward(ctx, gdp, gdt):
+        g, p, t = ctx.saved_tensors
+        wp = torch.zeros_like(p) if gdp is None else gdp.contiguous()
+        wt = gdt.contiguous() if (ctx.t_grad and gdt is not None and gdt.numel() > 0) else None
+        t_grad = ctx.needs_input_grad[2]
+        dg, dp, dt = _row_ops(ctx.backend).hvp(g, p, t, wp, wt, t_grad)
+        return dg, dp, (dt if t_grad else None), None, None
+
+    @staticmethod
+    def jvp(ctx, dg, wp, wt, *_):
+        g, p, t = ctx.saved_tensors
+        ops = _row_ops(ctx.backend)
+        wp = torch.zeros_like(p) if wp is None else wp.contiguous()
+        _, hp, ht = ops.hvp(g, p, t, wp, None if wt is None else wt.contiguous(), ctx.t_grad)
+        if dg is not None:
+            bp, bt = ops.bwd(dg.contiguous(), p, t, ctx.t_grad)
+            hp, ht = hp + bp, ht + bt
+        return hp, ht
+
+
+class _BYOLLossForwardAD(torch.autograd.Function):
+    """:class:`BYOLLossFunction` with forward-mode rules, used under ``torch.func`` transforms
+    (see :func:`~bissl_fast.ops._transforms.for_transforms`)."""
+
+    @staticmethod
+    def forward(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
+        ops = _row_ops(backend)
+        return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, ctx.backend = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        p1, p2, t1, t2 = ctx.saved_tensors
+        g = _row_weights(grad, p1)
+        need_t1, need_t2 = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        dp1, dt2 = _RowBackwardForwardAD.apply(g, p1, t2, need_t2, ctx.backend)
+        dp2, dt1 = _RowBackwardForwardAD.apply(g, p2, t1, need_t1, ctx.backend)
+        return dp1, dp2, (dt1 if need_t1 else None), (dt2 if need_t2 else None), None
+
+    @staticmethod
+    def jvp(ctx, wp1, wp2, wt1, wt2, _):
+        """The directional derivative ``<grad, tangents>`` of the loss."""
+        p1, p2, t1, t2 = ctx.saved_tensors
+        ops = _row_ops(ctx.backend)
+        g = _row_weights(torch.ones((), dtype=p1.dtype, device=p1.device), p1)
+        total = torch.zeros((), dtype=p1.dtype, device=p1.device)
+        for p, t, wp, wt in ((p1, t2, wp1, wt2), (p2, t1, wp2, wt1)):
+            dp, dt = ops.bwd(g, p, t, wt is not None)
+            if wp is not None:
+                total = total + (dp * wp).sum()
+            if wt is not None:
+                total = total + (dt * wt).sum()
+        return total
+
+
+def _row_weights(grad: Tensor, p: Tensor) -> Tensor:
+    """``[B]`` row weights of the mean: ``grad / B`` for every row."""
+    b = p.shape[0]
+    return (grad / b).to(p.dtype).expand(b).contiguous()
 
 
 def normalized_regression(p: Tensor, t: Tensor, backend: str = "auto") -> Tensor:
@@ -271,7 +356,7 @@ def byol_loss(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str = "au
     name = _resolve(backend, device)
     if name == "torch":
         return reference.byol_loss(p1, p2, t1, t2)
-    return BYOLLossFunction.apply(p1, p2, t1, t2, name)
+    return for_transforms(BYOLLossFunction, _BYOLLossForwardAD).apply(p1, p2, t1, t2, name)
 
 
 class BYOLLoss(nn.Module):

@@ -40,6 +40,7 @@ from .._validation import (
     parse_nt_xent_args,
 )
 from ..reference import NORMALIZE_EPS
+from ._transforms import for_transforms
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
 
@@ -252,11 +253,8 @@ class _NTXentLseBackward(torch.autograd.Function):
 
 
 class _NTXentLseBackwardForwardAD(_NTXentLseBackward):
-    """:class:`_NTXentLseBackward` with a forward-mode rule, used under ``torch.func`` transforms.
-
-    A separate class because dynamo rejects autograd Functions that define ``jvp``, and the plain
-    classes must stay traceable by ``torch.compile``.
-    """
+    """:class:`_NTXentLseBackward` with a forward-mode rule, used under ``torch.func`` transforms
+    (see :func:`~bissl_fast.ops._transforms.for_transforms`)."""
 
     @staticmethod
     def jvp(ctx, du, dlse, dc, *_):
@@ -310,7 +308,7 @@ class NTXentFunction(torch.autograd.Function):
     def backward(ctx, grad_lse):
         u, lse = ctx.saved_tensors
         c = grad_lse.to(lse.dtype).contiguous()
-        du = _for_transforms(_NTXentLseBackward, _NTXentLseBackwardForwardAD).apply(
+        du = for_transforms(_NTXentLseBackward, _NTXentLseBackwardForwardAD).apply(
             u.contiguous(), lse.detach(), c, ctx.inv_tau, ctx.backend, ctx.precision
         )
         return du, None, None, None
@@ -330,11 +328,6 @@ class _NTXentFunctionForwardAD(NTXentFunction):
             u, lse, torch.zeros_like(lse), du.to(u.dtype).contiguous(), ctx.inv_tau, ctx.backend, ctx.precision
         )
         return r * ctx.inv_tau
-
-
-def _for_transforms(plain: type, forward_ad: type) -> type:
-    """The Function class to apply: ``forward_ad`` under ``torch.func`` transforms, else ``plain``."""
-    return forward_ad if torch._C._are_functorch_transforms_active() else plain
 
 
 def _lse_settings(u: torch.Tensor, temperature: float, backend: str, precision: str) -> tuple[float, str, str]:
@@ -445,7 +438,7 @@ def _loss(z: torch.Tensor, tau: float, views: int, backend: str, precision: str)
     # Triton takes 16-bit rows as they are (tensor-core dots, fp32 accumulation); the chunked path
     # computes in fp32 (fp64 for fp64 input).
     u_lse = u.to(z.dtype) if backend == "triton" else u
-    lse_function = _for_transforms(NTXentFunction, _NTXentFunctionForwardAD)
+    lse_function = for_transforms(NTXentFunction, _NTXentFunctionForwardAD)
     lse = lse_function.apply(u_lse.contiguous(), tau, backend, precision)
     positives = sum((u * u.roll(-k * b, dims=0)).sum() for k in range(1, views))
     return lse.mean() - positives / (tau * n * (views - 1))

@@ -306,9 +306,9 @@ class HessianOperator:
         except RuntimeError as exc:
             if "must override the setup_context" in str(exc) or "does not have vmap support" in str(exc):
                 raise RuntimeError(
-                    "fwd-rev: loss_fn uses a torch.autograd.Function without torch.func support (the fused "
-                    "bissl_fast.byol_loss today; the fused bissl_fast.nt_xent supports matvec but not the "
-                    "vmapped matmat); use mode='rev-rev', or the bissl_fast.reference losses"
+                    "fwd-rev: loss_fn uses a torch.autograd.Function without torch.func support for this "
+                    "product (the fused bissl_fast.nt_xent / byol_loss support matvec but not the vmapped "
+                    "matmat); use mode='rev-rev', or the bissl_fast.reference losses"
                 ) from exc
             if "mutate a captured Tensor" not in str(exc):
                 raise
