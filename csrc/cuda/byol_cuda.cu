@@ -86,15 +86,10 @@ __device__ __forceinline__ int64_t warp_row() {
   return static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kWarp;
 }
 
+// Warp-reduced p.p, t.t and p.t of one row, as the shared header's row record (every lane gets it).
 template <typename S, int VEC>
-__global__ void __launch_bounds__(kWarp* kRowsPerBlock)
-    fwd_kernel(const S* __restrict__ p, const S* __restrict__ t, S* __restrict__ out, int64_t B, int64_t D) {
+__device__ __forceinline__ auto warp_row_stats(const S* pr, const S* tr, int64_t D, int lane) {
   using T = typename Acc<S>::type;
-  const int64_t row = warp_row();
-  if (row >= B) return;  // whole warps exit together, so the shuffles below see full warps
-  const int lane = threadIdx.x % kWarp;
-  const S* pr = p + row * D;
-  const S* tr = t + row * D;
   T pp = 0, tt = 0, pt = 0;
   for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += kWarp * VEC) {
     T x[VEC], y[VEC];
@@ -107,7 +102,18 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
       pt += x[k] * y[k];
     }
   }
-  const auto r = bm::make_row<T>(warp_sum(pp), warp_sum(tt), warp_sum(pt));
+  return bm::make_row<T>(warp_sum(pp), warp_sum(tt), warp_sum(pt));
+}
+
+template <typename S, int VEC>
+__global__ void __launch_bounds__(kWarp* kRowsPerBlock)
+    fwd_kernel(const S* __restrict__ p, const S* __restrict__ t, S* __restrict__ out, int64_t B, int64_t D) {
+  const int64_t row = warp_row();
+  if (row >= B) return;  // whole warps exit together, so the shuffles below see full warps
+  const int lane = threadIdx.x % kWarp;
+  const S* pr = p + row * D;
+  const S* tr = t + row * D;
+  const auto r = warp_row_stats<S, VEC>(pr, tr, D, lane);
   if (lane == 0) out[row] = from_acc<S>(bm::loss(r));
 }
 
@@ -121,19 +127,7 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
   const int lane = threadIdx.x % kWarp;
   const S* pr = p + row * D;
   const S* tr = t + row * D;
-  T pp = 0, tt = 0, pt = 0;
-  for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += kWarp * VEC) {
-    T x[VEC], y[VEC];
-    load<S, VEC>(pr, i, x);
-    load<S, VEC>(tr, i, y);
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      pp += x[k] * x[k];
-      tt += y[k] * y[k];
-      pt += x[k] * y[k];
-    }
-  }
-  const auto r = bm::make_row<T>(warp_sum(pp), warp_sum(tt), warp_sum(pt));
+  const auto r = warp_row_stats<S, VEC>(pr, tr, D, lane);
   const auto c = bm::grad_coef(r, to_acc(g[row]));
   S* dpr = dp + row * D;
   S* dtr = dt ? dt + row * D : nullptr;
