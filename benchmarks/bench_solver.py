@@ -105,6 +105,7 @@ STAGE_SIZES_SMALL = [("small", 16, 12)]
 STAGE_SIZES_FULL = [("resnet18", 256, 32), ("resnet18", 256, 96), ("resnet50", 256, 32), ("resnet50", 256, 96)]
 
 
+@pytest.mark.usefixtures("single_cpu_thread")
 @pytest.mark.parametrize("provider", ["reference", "rev-rev", "fwd-rev"])
 @pytest.mark.parametrize("loss", ["simclr", "byol"])
 @pytest.mark.parametrize("backbone,batch,res", STAGE_SIZES_SMALL + STAGE_SIZES_FULL)
@@ -127,7 +128,7 @@ def test_upper_stage(benchmark_op, bench_device, backbone, batch, res, loss, pro
         lambda: _stage(provider, loss_fn, modules, params, vs, damping), [()], op=f"upper_stage_{loss}",
         provider=provider, mode=f"{SOLVES}x{CG_ITERS}cg",
         size={"model": backbone, "B": batch, "HW": res, "P": n_params}, dtype=torch.float32, device=bench_device,
-        rounds=1 if bench_device.type == "cpu" else 3,
+        rounds=3,
     )
 
 
