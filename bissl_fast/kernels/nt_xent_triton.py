@@ -212,7 +212,7 @@ def _lse_bwd_bwd_r_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau,
 def _lse_bwd_bwd_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stride, inv_tau,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                    PV_BF16: tl.constexpr):
+                        PV_BF16: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N

@@ -65,6 +65,17 @@ def _fake_hvp(
     return p.new_empty(p.shape[0]), torch.empty_like(p), (torch.empty_like(t) if t_grad else p.new_empty(0))
 
 
+def _bwd_vjp(ops: _RowOps, ctx, gdp: Tensor | None, gdt: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(dgrad, dp, dt)``: the VJP of ``byol_bwd`` (saved ``grad, p, t`` and ``ctx.t_grad``) via ``byol_hvp``."""
+    grad, p, t = ctx.saved_tensors
+    # Cotangents of outputs that did not reach the differentiated value arrive as None.
+    wp = torch.zeros_like(p) if gdp is None else gdp.contiguous()
+    wt = gdt.contiguous() if (ctx.t_grad and gdt is not None and gdt.numel() > 0) else None
+    t_grad = ctx.needs_input_grad[2]
+    dgrad, dp, dt = ops.hvp(grad, p, t, wp, wt, t_grad)
+    return dgrad, dp, (dt if t_grad else None)
+
+
 def _register_autograd(name: str, ops: _RowOps) -> None:
     """Autograd of ``bissl_fast::{name}_fwd/bwd/hvp``: fwd's backward is bwd, bwd's backward is hvp."""
 
@@ -84,13 +95,7 @@ def _register_autograd(name: str, ops: _RowOps) -> None:
         ctx.t_grad = t_grad
 
     def bwd_backward(ctx, gdp, gdt):
-        grad, p, t = ctx.saved_tensors
-        # Cotangents of outputs that did not reach the differentiated value arrive as None.
-        wp = torch.zeros_like(p) if gdp is None else gdp.contiguous()
-        wt = gdt.contiguous() if (ctx.t_grad and gdt is not None and gdt.numel() > 0) else None
-        t_grad = ctx.needs_input_grad[2]
-        dgrad, dp, dt = ops.hvp(grad, p, t, wp, wt, t_grad)
-        return dgrad, dp, (dt if t_grad else None), None
+        return (*_bwd_vjp(ops, ctx, gdp, gdt), None)
 
     def hvp_setup(ctx, inputs, output):
         pass
@@ -257,12 +262,7 @@ class _RowBackwardForwardAD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gdp, gdt):
-        g, p, t = ctx.saved_tensors
-        wp = torch.zeros_like(p) if gdp is None else gdp.contiguous()
-        wt = gdt.contiguous() if (ctx.t_grad and gdt is not None and gdt.numel() > 0) else None
-        t_grad = ctx.needs_input_grad[2]
-        dg, dp, dt = _row_ops(ctx.backend).hvp(g, p, t, wp, wt, t_grad)
-        return dg, dp, (dt if t_grad else None), None, None
+        return (*_bwd_vjp(_row_ops(ctx.backend), ctx, gdp, gdt), None, None)
 
     @staticmethod
     def jvp(ctx, dg, wp, wt, *_):
