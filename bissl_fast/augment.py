@@ -20,6 +20,7 @@ blur/solarize per view) and :func:`downstream_augment`.
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
@@ -110,11 +111,12 @@ def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
     return check_int_at_least("size[0]", size[0], 1), check_int_at_least("size[1]", size[1], 1)
 
 
-class _Op:
+class _Op(ABC):
     """Shared ``views``: ``count`` independent draws of the same augmentation."""
 
+    @abstractmethod
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """One augmented copy of ``x`` ``[B, C, H, W]``."""
 
     def views(self, x: torch.Tensor, count: int = 2, generator: torch.Generator | None = None) -> list[torch.Tensor]:
         """``count`` independent augmentations of ``x`` ``[B, C, H, W]``, each ``[B, C, H', W']``."""
@@ -165,8 +167,8 @@ def sample_crop_boxes(
     h = h.gather(1, first).squeeze(1)
     w = w.gather(1, first).squeeze(1)
     u_top, u_left = _rand((batch,), generator, device).double(), _rand((batch,), generator, device).double()
-    top = torch.floor(u_top * (height - h + 1).double()).long().clamp_(max=height - h)
-    left = torch.floor(u_left * (width - w + 1).double()).long().clamp_(max=width - w)
+    top = torch.floor(u_top * (height - h + 1).double()).long()
+    left = torch.floor(u_left * (width - w + 1).double()).long()
 
     in_ratio = width / height
     if in_ratio < ratio[0]:
@@ -187,18 +189,15 @@ def _resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, o
     (triangle filter at source position ``scale * (o + 0.5) - 0.5``; with ``antialias`` the filter is
     widened by the downscale factor, as PyTorch's antialiased bilinear does), zero outside the span.
     """
-    scale = (length.double() / out_size).unsqueeze(1).unsqueeze(2)  # [B, 1, 1]
-    center = scale * (torch.arange(out_size, device=start.device, dtype=torch.float64).view(1, -1, 1) + 0.5)
-    pos = torch.arange(in_size, device=start.device, dtype=torch.float64).view(1, 1, -1) - start.double().view(-1, 1, 1)
-    if antialias:
-        support = torch.clamp(scale, min=1.0)
-    else:
-        support = torch.ones_like(scale)
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    length = length.to(work).view(-1, 1, 1)
+    scale = length / out_size  # [B, 1, 1]
+    center = scale * (torch.arange(out_size, device=start.device, dtype=work).view(1, -1, 1) + 0.5)
+    pos = torch.arange(in_size, device=start.device, dtype=work).view(1, 1, -1) - start.to(work).view(-1, 1, 1)
+    support = torch.clamp(scale, min=1.0) if antialias else torch.ones_like(scale)
     weights = torch.clamp(1.0 - (pos + 0.5 - center).abs() / support, min=0.0)
-    inside = (pos >= 0) & (pos < length.double().view(-1, 1, 1))
-    weights = weights * inside
-    weights = weights / weights.sum(dim=2, keepdim=True)
-    return weights.to(dtype)
+    weights = weights * ((pos >= 0) & (pos < length))
+    return (weights / weights.sum(dim=2, keepdim=True)).to(dtype)
 
 
 def resized_crop(
