@@ -74,7 +74,8 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: tor
     """Uniform [0, 1) float32 draws on ``device``, from ``generator`` (on its own device) when given."""
     if generator is None:
         return torch.rand(shape, device=device)
-    return torch.rand(shape, generator=generator, device=generator.device).to(device)
+    # Asynchronous: from pageable memory CUDA stages the source before returning, without a device sync.
+    return torch.rand(shape, generator=generator, device=generator.device).to(device, non_blocking=True)
 
 
 def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
@@ -177,9 +178,9 @@ def sample_crop_boxes(
         fb_w, fb_h = int(round(height * ratio[1])), height
     else:
         fb_w, fb_h = width, height
-    fallback = torch.tensor([(height - fb_h) // 2, (width - fb_w) // 2, fb_h, fb_w], device=device)
-    boxes = torch.stack([top, left, h, w], dim=1)
-    return torch.where(found.unsqueeze(1), boxes, fallback)
+    # Python scalars as the fallback values: no host-to-device copy (which would synchronize a GPU).
+    fallback = ((height - fb_h) // 2, (width - fb_w) // 2, fb_h, fb_w)
+    return torch.stack([torch.where(found, v, fb) for v, fb in zip((top, left, h, w), fallback)], dim=1)
 
 
 def _resample_weights(start: torch.Tensor, length: torch.Tensor, in_size: int, out_size: int, antialias: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -347,7 +348,7 @@ def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor
     # Closed form of colorsys.hsv_to_rgb's six hue sectors: channel n (5 = R, 3 = G, 1 = B) is
     # v - v * s * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6.
     h6 = hue.unsqueeze(1) * 6.0
-    n = torch.tensor([5.0, 3.0, 1.0], device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)
+    n = torch.arange(5, 0, -2, device=hue.device, dtype=hue.dtype).view(1, 3, 1, 1)
     k = torch.remainder(n + h6, 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
     v = value.unsqueeze(1)
@@ -570,8 +571,8 @@ class Normalize(_Op):
         x = as_float_images(x)
         if x.shape[1] != len(self.mean):
             raise ValueError(f"Normalize has {len(self.mean)} channels, the batch {x.shape[1]} (shape {tuple(x.shape)})")
-        mean = torch.tensor(self.mean, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=x.device, dtype=x.dtype).view(1, -1, 1, 1)
+        mean = torch.tensor(self.mean, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
+        std = torch.tensor(self.std, dtype=x.dtype).view(1, -1, 1, 1).to(x.device, non_blocking=True)
         return (x - mean) / std
 
     def __repr__(self) -> str:

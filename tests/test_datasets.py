@@ -226,7 +226,7 @@ def test_distributed_is_automatic_under_an_initialized_process_group(tmp_path):
     dist = torch.distributed
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
-    assert not dist.is_initialized()
+    assert not dist.is_initialized(), "another test left a torch.distributed process group initialized"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         loader = make_loader(_indexed(10), 5, shuffle=True, seed=0, drop_last=True)
