@@ -144,6 +144,10 @@ def test_cifar10_dataset_errors(tmp_path):
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"junk")
     with pytest.raises(ValueError, match="test_batch"):
         CIFAR10Dataset(tmp_path, train=False)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_4", "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 10]}, f)
+    with pytest.raises(ValueError, match="labels must be in 0..9"):
+        CIFAR10Dataset(tmp_path, train=True)
 
 
 # --------------------------------------------------------------------------------------------
