@@ -339,11 +339,6 @@ def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return hue, saturation, maxc
 
 
-def _subset_on_device(device: torch.device) -> bool:
-    """Whether to process data-dependent subsets of a batch (cheaper; synchronizes a GPU, so CPU only)."""
-    return device.type == "cpu"
-
-
 def _hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     # Closed form of colorsys.hsv_to_rgb's six hue sectors: channel n (5 = R, 3 = G, 1 = B) is
     # v - v * s * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6.
@@ -367,6 +362,11 @@ def adjust_hue(x: torch.Tensor, shift: torch.Tensor | float) -> torch.Tensor:
     hue, saturation, value = _rgb_to_hsv(x)
     hue = torch.remainder(hue + _per_sample(shift, x).squeeze(1), 1.0)
     return _hsv_to_rgb(hue, saturation, value)
+
+
+def _subset_on_device(device: torch.device) -> bool:
+    """Whether to process data-dependent subsets of a batch (cheaper; synchronizes a GPU, so CPU only)."""
+    return device.type == "cpu"
 
 
 class JitterParams(NamedTuple):
