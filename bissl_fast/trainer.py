@@ -29,19 +29,22 @@ per-rank batch statistics, as in DDP without SyncBatchNorm.
 from __future__ import annotations
 
 import copy
-import random
+import statistics
 import time
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import reference
+from ._progress import progress_bar
+from ._resume import BatchStream, rng_state, set_rng_state
 from ._validation import check_int_at_least, check_nonnegative, check_positive
+from .ema import EMATarget
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -62,7 +65,8 @@ class BiSSLConfig:
     temperature: NT-Xent temperature. byol_momentum: EMA rate of the BYOL target network.
     solver: ``"reuse"`` (Hessian operator built once per upper stage) or ``"recompute"`` (paper).
     backend: backend of the fused losses (``"auto" | "torch" | "cpp" | "triton" | "cuda"``).
-    progress: show a tqdm bar (rank 0 only).
+    progress: progress report on rank 0: ``True`` a tqdm bar (plain lines and a one-line note when
+        tqdm is not installed), ``None`` a bar only when tqdm is installed, ``False`` none.
     """
 
     pretext: str = "simclr"
@@ -77,7 +81,7 @@ class BiSSLConfig:
     byol_momentum: float = 0.99
     solver: str = "reuse"
     backend: str = "auto"
-    progress: bool = True
+    progress: bool | None = True
 
     def __post_init__(self) -> None:
         if self.pretext not in _PRETEXTS:
@@ -95,6 +99,46 @@ class BiSSLConfig:
         m = check_nonnegative("byol_momentum", self.byol_momentum)
         if m > 1:
             raise ValueError(f"byol_momentum must be in [0, 1], got {m}")
+
+
+@dataclass
+class StageLog:
+    """Summary of one BiSSL stage (what :meth:`BiSSLTrainer.train_stage` returns and logs).
+
+    ``lower_loss`` / ``upper_loss`` are means of the per-step ``lower_losses`` / ``upper_losses``
+    (the upper one is ``L_D`` through the upper backbone; ``None`` for a level with 0 steps).
+    ``cg_relative_residuals`` holds the final ``||r|| / ||v||`` of each upper step's CG (empty for
+    ``solver="recompute"``, whose reference does not report it). ``hvp_per_s`` counts Hessian
+    products per second of the upper stage; ``lower_batch_size`` is per rank. Item access
+    (``log["lower_loss"]``) and :meth:`as_dict` serve code that treats entries as dicts.
+    """
+
+    stage: int
+    lower_loss: float | None
+    lower_losses: list[float]
+    upper_loss: float | None
+    upper_losses: list[float]
+    cg_relative_residuals: list[float]
+    lower_time_s: float
+    upper_time_s: float
+    lower_steps_per_s: float
+    upper_steps_per_s: float
+    hvp_per_s: float
+    lower_batch_size: int
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self.keys():
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return [f.name for f in fields(self)]
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 # --------------------------------------------------------------------------------------------
@@ -143,104 +187,44 @@ def _byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# RNG and data-stream state
+# Upper-stage helpers
 # --------------------------------------------------------------------------------------------
 
 
-def _loader_generators(loader: Any) -> list[torch.Generator]:
-    found = []
-    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
-            found.append(gen)
-    return found
+@contextmanager
+def _implicit_solver(
+    loss_fn: Callable[[], torch.Tensor], params: Tensors, config: BiSSLConfig, residuals: list[float]
+) -> Iterator[Callable[[Tensors], Tensors]]:
+    """``solve(v)`` of the IJ system ``(I + H/(lam + damping)) x = v`` for one upper stage.
 
-
-class _BatchStream:
-    """Endless batches from a loader, with a checkpointable position.
-
-    Loaders with ``state_dict``/``load_state_dict`` (e.g. :class:`bissl_fast.data.TensorLoader`)
-    save their own position. For any other iterable (e.g. ``torch.utils.data.DataLoader``) the
-    stream records torch's global RNG state and the loader's generators at the moment the current
-    pass started (a shuffling sampler and worker seeds draw from them in ``iter()``) plus the
-    number of batches consumed; resuming replays that ``iter()`` and skips the consumed batches.
+    ``"reuse"`` builds one :class:`~bissl_fast.solver.HessianOperator` for the whole stage, appends
+    each solve's final relative CG residual to ``residuals`` and releases the operator's graph on
+    exit; ``"recompute"`` is the paper-style reference (no residuals: it does not report them).
     """
+    cfg = config
+    if cfg.solver == "recompute":
+        def solve_recompute(v: Tensors) -> Tensors:
+            return reference.implicit_grad(loss_fn, params, v, cfg.lam, cfg.damping, cfg.cg_iters, cfg.layerwise)
 
-    def __init__(self, loader: Iterable[Any], name: str) -> None:
-        if not isinstance(loader, Iterable):
-            raise TypeError(f"{name} must be an iterable of batches, got {type(loader).__name__}")
-        self.loader, self.name = loader, name
-        self.stateful = callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
-        self._it: Iterator[Any] | None = None
-        self._pass_rng: dict[str, Any] | None = None
-        self.consumed = 0
+        yield solve_recompute
+        return
 
-    def _start_pass(self) -> None:
-        if not self.stateful:
-            self._pass_rng = {
-                "torch": torch.get_rng_state(),
-                "generators": [g.get_state() for g in _loader_generators(self.loader)],
-            }
-            self.consumed = 0
-        self._it = iter(self.loader)
+    from .solver import HessianOperator, ImplicitGradient
 
-    def next(self) -> Any:
-        for _ in range(2):
-            if self._it is None:
-                self._start_pass()
-            try:
-                batch = next(self._it)  # type: ignore[arg-type]
-            except StopIteration:
-                self._it = None
-                continue
-            self.consumed += 1
-            return batch
-        raise ValueError(f"{self.name} yielded no batches")
+    # Reverse-over-reverse on the retained graph: the fused losses are autograd.Functions
+    # without torch.func support, which the operator's forward-over-reverse mode needs.
+    op = HessianOperator(loss_fn, params, mode="rev-rev")
+    ig = ImplicitGradient(params, lam=cfg.lam, damping=cfg.damping, iters=cfg.cg_iters, layerwise=cfg.layerwise)
 
-    def state_dict(self) -> dict[str, Any]:
-        if self.stateful:
-            return {"loader": self.loader.state_dict()}  # type: ignore[attr-defined]
-        return {"active": self._it is not None, "pass_rng": self._pass_rng, "consumed": self.consumed}
+    def solve_reuse(v: Tensors) -> Tensors:
+        x, info = ig.solve(op, v, return_info=True)
+        residuals.append(info.relative_residuals[-1])
+        return x
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._it = None
-        if self.stateful:
-            self.loader.load_state_dict(state["loader"])  # type: ignore[attr-defined]
-            return
-        self.consumed = 0
-        if not state["active"]:
-            return
-        # Replay the interrupted pass: same RNG at iter() time, then skip what was consumed.
-        # The trainer restores the global RNG state after this, so the replay leaves no trace.
-        self._pass_rng = state["pass_rng"]
-        torch.set_rng_state(self._pass_rng["torch"])
-        gens = _loader_generators(self.loader)
-        if len(gens) != len(self._pass_rng["generators"]):
-            raise ValueError(f"{self.name} has {len(gens)} generators, the checkpoint {len(self._pass_rng['generators'])}")
-        for g, s in zip(gens, self._pass_rng["generators"]):
-            g.set_state(s)
-        self._it = iter(self.loader)
-        for i in range(int(state["consumed"])):
-            try:
-                next(self._it)
-            except StopIteration as exc:
-                raise ValueError(f"{self.name} ended after {i} batches while resuming at batch {state['consumed']}") from exc
-        self.consumed = int(state["consumed"])
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    try:
+        yield solve_reuse
+    finally:
+        op.release()
 
 
 class _FrozenBuffers:
@@ -300,7 +284,7 @@ class BiSSLTrainer:
         target_model: BYOL target network (``.backbone``, ``.head``); a deep copy of the lower
             model when omitted. It is updated by EMA after each lower step only.
 
-    ``train_stage()`` runs one lower + upper stage and appends a dict to ``self.log``;
+    ``train_stage()`` runs one lower + upper stage and appends a :class:`StageLog` to ``self.log``;
     ``fit(stages)`` runs several. ``state_dict()`` / ``load_state_dict()`` cover models,
     optimizers, schedulers, counters, RNG states and loader positions, so a run resumed from a
     checkpoint taken between stages ends bit-identical to an uninterrupted one.
@@ -360,29 +344,27 @@ class BiSSLTrainer:
             self.target_backbone = _module_attr(target_model, "backbone", "target_model", "the BYOL target backbone")
             self.target_head = _module_attr(target_model, "head", "target_model", "the BYOL target projector")
             self.target_model: nn.Module | None = target_model
-            self._ema_pairs = list(zip(
-                list(self.target_backbone.parameters()) + list(self.target_head.parameters()),
-                list(self.lower_backbone.parameters()) + list(self.lower_head.parameters()),
-            ))
-            for t, _ in self._ema_pairs:
-                t.requires_grad_(False)
+            self.ema: EMATarget | None = EMATarget(
+                [self.lower_backbone, self.lower_head], [self.target_backbone, self.target_head], self.config.byol_momentum
+            )
         else:
             self.target_model = None
+            self.ema = None
 
         for name, opt in (("lower_optimizer", lower_optimizer), ("upper_optimizer", upper_optimizer)):
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(opt).__name__}")
         self.lower_optimizer, self.upper_optimizer = lower_optimizer, upper_optimizer
         self.lower_scheduler, self.upper_scheduler = lower_scheduler, upper_scheduler
-        self.lower_stream = _BatchStream(lower_loader, "lower_loader")
-        self.upper_stream = _BatchStream(upper_loader, "upper_loader")
+        self.lower_stream = BatchStream(lower_loader, "lower_loader")
+        self.upper_stream = BatchStream(upper_loader, "upper_loader")
         self.lower_transform, self.upper_transform = lower_transform, upper_transform
         self.downstream_loss = downstream_loss if downstream_loss is not None else F.cross_entropy
         self.stage = 0
         self.lower_step = 0
         self.upper_step = 0
-        self.log: list[dict[str, Any]] = []
-        self._bar: Any = None  # the tqdm bar of a running fit()
+        self.log: list[StageLog] = []
+        self._bar: Any = None  # the progress bar of a running fit()
 
     # ---------------------------------------------------------------- losses
 
@@ -438,11 +420,8 @@ class BiSSLTrainer:
         self.lower_optimizer.step()
         if self.lower_scheduler is not None:
             self.lower_scheduler.step()
-        if self.target_model is not None:
-            with torch.no_grad():
-                m = cfg.byol_momentum
-                for t, o in self._ema_pairs:
-                    t.mul_(m).add_(o.detach(), alpha=1 - m)
+        if self.ema is not None:
+            self.ema.update(cfg.byol_momentum)
         self.lower_step += 1
         return float(loss_p.detach())
 
@@ -478,48 +457,15 @@ class BiSSLTrainer:
         self.upper_step += 1
         return float(loss_d.detach())
 
-    def _make_solver(self, loss_fn: Callable[[], torch.Tensor], residuals: list[float]) -> tuple[Callable[[Tensors], Tensors], Callable[[], None]]:
-        """``(solve, release)`` of the IJ system ``(I + H/(lam + damping)) x = v`` for this upper stage.
-
-        ``"reuse"`` builds one :class:`~bissl_fast.solver.HessianOperator` for the whole stage and
-        appends each solve's final relative CG residual to ``residuals``; ``"recompute"`` is the
-        paper-style reference (no residuals: it does not report them).
-        """
-        cfg = self.config
-        if cfg.solver == "recompute":
-            def solve(v: Tensors) -> Tensors:
-                return reference.implicit_grad(loss_fn, self.lower_params, v, cfg.lam, cfg.damping, cfg.cg_iters, cfg.layerwise)
-
-            return solve, lambda: None
-
-        from .solver import HessianOperator, ImplicitGradient
-
-        # Reverse-over-reverse on the retained graph: the fused losses are autograd.Functions
-        # without torch.func support, which the operator's forward-over-reverse mode needs.
-        op = HessianOperator(loss_fn, self.lower_params, mode="rev-rev")
-        ig = ImplicitGradient(self.lower_params, lam=cfg.lam, damping=cfg.damping, iters=cfg.cg_iters, layerwise=cfg.layerwise)
-
-        def solve_reuse(v: Tensors) -> Tensors:
-            x, info = ig.solve(op, v, return_info=True)
-            residuals.append(info.relative_residuals[-1])
-            return x
-
-        return solve_reuse, op.release
-
     # ---------------------------------------------------------------- stages
 
-    def train_stage(self) -> dict[str, Any]:
+    def train_stage(self) -> StageLog:
         """One BiSSL stage (lower stage, then upper stage); returns and logs its summary.
 
         The upper stage draws its fixed lower batch from the lower loader (``lower_iters + 1``
         lower batches per stage) and leaves the lower model and the BYOL target unchanged,
-        BatchNorm running statistics included. The log entry has: ``stage``, ``lower_loss`` /
-        ``upper_loss`` (means; the upper one is ``L_D`` through the upper backbone) and the
-        per-step ``lower_losses`` / ``upper_losses``, ``cg_relative_residuals`` (final
-        ``||r|| / ||v||`` of each upper step's CG; empty for ``solver="recompute"``, whose
-        reference does not report it), ``lower_time_s``, ``upper_time_s``, ``lower_steps_per_s``,
-        ``upper_steps_per_s``, ``hvp_per_s`` (Hessian products per second in the upper stage) and
-        ``lower_batch_size`` (per rank).
+        BatchNorm running statistics included. The fields of the entry are described in
+        :class:`StageLog`.
         """
         cfg = self.config
         self.lower_model.train()
@@ -548,42 +494,37 @@ class BiSSLTrainer:
                 def loss_fn() -> torch.Tensor:
                     return self.pretext_loss(views, targets)
 
-                solve, release = self._make_solver(loss_fn, residuals)
-                try:
+                with _implicit_solver(loss_fn, self.lower_params, cfg, residuals) as solve:
                     for _ in range(cfg.upper_iters):
                         upper_losses.append(self._upper_step(solve))
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(stage=self.stage, upper_loss=f"{upper_losses[-1]:.4f}")
-                finally:
-                    release()
         t2 = time.perf_counter()
-        entry = {
-            "stage": self.stage,
-            "lower_loss": float(np.mean(lower_losses)) if lower_losses else None,
-            "lower_losses": lower_losses,
-            "upper_loss": float(np.mean(upper_losses)) if upper_losses else None,
-            "upper_losses": upper_losses,
-            "cg_relative_residuals": residuals,
-            "lower_time_s": t1 - t0,
-            "upper_time_s": t2 - t1,
-            "lower_steps_per_s": cfg.lower_iters / max(t1 - t0, 1e-12),
-            "upper_steps_per_s": cfg.upper_iters / max(t2 - t1, 1e-12),
-            "hvp_per_s": cfg.upper_iters * cfg.cg_iters / max(t2 - t1, 1e-12),
-            "lower_batch_size": samples,
-        }
+        entry = StageLog(
+            stage=self.stage,
+            lower_loss=statistics.fmean(lower_losses) if lower_losses else None,
+            lower_losses=lower_losses,
+            upper_loss=statistics.fmean(upper_losses) if upper_losses else None,
+            upper_losses=upper_losses,
+            cg_relative_residuals=residuals,
+            lower_time_s=t1 - t0,
+            upper_time_s=t2 - t1,
+            lower_steps_per_s=cfg.lower_iters / max(t1 - t0, 1e-12),
+            upper_steps_per_s=cfg.upper_iters / max(t2 - t1, 1e-12),
+            hvp_per_s=cfg.upper_iters * cfg.cg_iters / max(t2 - t1, 1e-12),
+            lower_batch_size=samples,
+        )
         self.stage += 1
         self.log.append(entry)
         return entry
 
-    def fit(self, stages: int) -> list[dict[str, Any]]:
-        """Run ``stages`` BiSSL stages (with a tqdm bar on rank 0 if ``config.progress``); returns their logs."""
+    def fit(self, stages: int) -> list[StageLog]:
+        """Run ``stages`` BiSSL stages (progress on rank 0 as ``config.progress`` asks); returns their logs."""
         check_int_at_least("stages", stages, 0)
-        show = self.config.progress and _rank() == 0
-        if show:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=stages * (self.config.lower_iters + self.config.upper_iters), desc="BiSSL", unit="step")
+        if _rank() == 0:
+            total = stages * (self.config.lower_iters + self.config.upper_iters)
+            self._bar = progress_bar(total, "BiSSL", self.config.progress)
         try:
             return [self.train_stage() for _ in range(stages)]
         finally:
@@ -607,8 +548,8 @@ class BiSSLTrainer:
             "counters": {"stage": self.stage, "lower_step": self.lower_step, "upper_step": self.upper_step},
             "lower_stream": self.lower_stream.state_dict(),
             "upper_stream": self.upper_stream.state_dict(),
-            "rng": _rng_state(),
-            "log": copy.deepcopy(self.log),
+            "rng": rng_state(),
+            "log": [entry.as_dict() for entry in self.log],
         }
         return copy.deepcopy(state)
 
@@ -634,8 +575,8 @@ class BiSSLTrainer:
         self.lower_stream.load_state_dict(state["lower_stream"])
         self.upper_stream.load_state_dict(state["upper_stream"])
         # Last: replaying a loader pass above draws from the global generator.
-        _set_rng_state(state["rng"])
-        self.log = copy.deepcopy(state["log"])
+        set_rng_state(state["rng"])
+        self.log = [StageLog(**copy.deepcopy(entry)) for entry in state["log"]]
 
 
-__all__ = ["BiSSLConfig", "BiSSLTrainer"]
+__all__ = ["BiSSLConfig", "BiSSLTrainer", "StageLog"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from bissl_fast import reference
 from bissl_fast.data import BatchAugment, TensorLoader, load_digits
 from bissl_fast.models import DownstreamModel, PretextModel, SmallResNet
-from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer
+from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer, StageLog
 from helpers import rel_err
 
 
@@ -272,3 +273,33 @@ def test_errors(digits):
                         torch.optim.SGD(byol_upper.parameters(), lr=0.1), BiSSLConfig(pretext="byol"))
     with pytest.raises(ValueError, match="pretext"):
         byol.load_state_dict(state)
+
+
+def test_progress_without_tqdm(digits, monkeypatch, capsys):
+    """Core install: an explicit progress=True prints plain lines and one note; progress=None stays silent."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    _trainer(digits, "simclr", progress=True).fit(1)
+    err = capsys.readouterr().err
+    assert err.count("tqdm is not installed") == 1 and "bissl_fast[demo]" in err
+    assert "BiSSL: 4/4" in err
+    _trainer(digits, "simclr", progress=None).fit(1)
+    assert capsys.readouterr().err == ""
+
+
+def test_stage_log_and_weights_only_checkpoint(digits):
+    x = digits.x[:64]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
+    trainer = _trainer(digits, "byol", lower_loader=loader)
+    entry = trainer.fit(1)[0]
+    assert isinstance(entry, StageLog) and entry["upper_losses"] == entry.upper_losses and len(entry.upper_losses) == 2
+    assert dict(entry.items()) == entry.as_dict()
+    buf = io.BytesIO()
+    torch.save(trainer.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    resumed = _trainer(digits, "byol", lower_loader=loader)
+    resumed.load_state_dict(state)
+    assert resumed.log == trainer.log and resumed.stage == 1
