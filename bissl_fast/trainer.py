@@ -54,15 +54,28 @@ _SOLVERS = ("reuse", "recompute")
 
 @dataclass
 class BiSSLConfig:
-    """Hyper-parameters of the BiSSL stage; defaults are the paper's.
+    """Hyper-parameters of the BiSSL stage (docs/design.md §2.4).
+
+    The paper's values (its own scripts) are the defaults of every field that has a counterpart
+    there: ``lower_iters=20``, ``upper_iters=8``, ``lam=0.001``, ``damping=10``, ``cg_iters=5``,
+    ``layerwise=True``, ``clip_norm=10``, ``temperature=0.5``, ``byol_momentum=0.9995`` and one
+    backbone forward per view (``concat_views=False``). The other fields are this library's and
+    change speed or reporting, not the result: ``solver="reuse"`` equals the paper's
+    ``"recompute"`` to floating-point rounding (built once per upper stage instead of per
+    product), ``backend`` picks the fused-loss kernels (all agree with the reference), and
+    ``progress`` only prints.
 
     pretext: ``"simclr"`` (NT-Xent over ``m`` views) or ``"byol"`` (2 views, EMA target network).
-    lower_iters / upper_iters: steps of each level per stage (20 / 8).
-    lam: weight of the proximal term ``(lam/2)||theta_P - theta_D||^2`` and of the IJ system.
+    lower_iters / upper_iters: steps of each level per stage.
+    lam: weight of the proximal term ``sum_t (lam_t/2)||theta_P,t - theta_D,t||^2`` and of the IJ
+        system; a scalar, or one value per backbone parameter tensor (in ``parameters()`` order).
     damping: added to ``lam`` in ``(I + H/(lam + damping)) x = v``.
     cg_iters / layerwise: CG iterations and per-tensor (layerwise) or global CG scalars.
     clip_norm: max total gradient norm of each level's step.
     temperature: NT-Xent temperature. byol_momentum: EMA rate of the BYOL target network.
+    concat_views: run all views through the lower model (and BYOL's target) as one concatenated
+        batch instead of one forward per view. Same loss without BatchNorm; with BatchNorm the
+        batch statistics then mix the views, which the paper does not do.
     solver: ``"reuse"`` (Hessian operator built once per upper stage) or ``"recompute"`` (paper).
     backend: backend of the fused losses (``"auto" | "torch" | "cpp" | "triton" | "cuda"``).
     progress: progress report on rank 0: ``True`` a tqdm bar (plain lines and a one-line note when
@@ -72,13 +85,14 @@ class BiSSLConfig:
     pretext: str = "simclr"
     lower_iters: int = 20
     upper_iters: int = 8
-    lam: float = 0.001
+    lam: float | tuple[float, ...] = 0.001
     damping: float = 10.0
     cg_iters: int = 5
     layerwise: bool = True
     clip_norm: float = 10.0
     temperature: float = 0.5
-    byol_momentum: float = 0.99
+    byol_momentum: float = 0.9995
+    concat_views: bool = False
     solver: str = "reuse"
     backend: str = "auto"
     progress: bool | None = True
@@ -91,9 +105,17 @@ class BiSSLConfig:
         check_int_at_least("lower_iters", self.lower_iters, 0)
         check_int_at_least("upper_iters", self.upper_iters, 0)
         check_int_at_least("cg_iters", self.cg_iters, 1)
-        check_nonnegative("lam", self.lam)
-        check_nonnegative("damping", self.damping)
-        check_positive("lam + damping", self.lam + self.damping)
+        damping = check_nonnegative("damping", self.damping)
+        if isinstance(self.lam, (tuple, list)):
+            if not self.lam:
+                raise ValueError("lam must be a number or a non-empty sequence of numbers, got an empty sequence")
+            self.lam = tuple(check_nonnegative(f"lam[{i}]", value) for i, value in enumerate(self.lam))
+            for i, value in enumerate(self.lam):
+                check_positive(f"lam[{i}] + damping", value + damping)
+        else:
+            check_positive("lam + damping", check_nonnegative("lam", self.lam) + damping)
+        if not isinstance(self.concat_views, bool):
+            raise TypeError(f"concat_views must be a bool, got {type(self.concat_views).__name__}")
         check_positive("clip_norm", self.clip_norm)
         check_positive("temperature", self.temperature)
         m = check_nonnegative("byol_momentum", self.byol_momentum)
@@ -202,11 +224,26 @@ def _implicit_solver(
     exit; ``"recompute"`` is the paper-style reference (no residuals: it does not report them).
     """
     cfg = config
-    if cfg.solver == "recompute":
+    if cfg.solver == "recompute" and not isinstance(cfg.lam, tuple):
         def solve_recompute(v: Tensors) -> Tensors:
             return reference.implicit_grad(loss_fn, params, v, cfg.lam, cfg.damping, cfg.cg_iters, cfg.layerwise)
 
         yield solve_recompute
+        return
+    if cfg.solver == "recompute":
+        # The reference's recompute loop with one 1/(lam_t + damping) per tensor.
+        scales = [1.0 / (lam + cfg.damping) for lam in cfg.lam]
+
+        def solve_recompute_per_tensor(v: Tensors) -> Tensors:
+            v = reference.average_over_ranks([t.detach() for t in v])
+
+            def matvec(d: Tensors) -> Tensors:
+                hd = reference.average_over_ranks(reference.hvp(loss_fn, params, d))
+                return tuple(di + scale * hdi for di, hdi, scale in zip(d, hd, scales))
+
+            return reference.cg_solve(matvec, v, iters=cfg.cg_iters, layerwise=cfg.layerwise)
+
+        yield solve_recompute_per_tensor
         return
 
     from .solver import HessianOperator, ImplicitGradient
@@ -337,6 +374,11 @@ class BiSSLTrainer:
                 )
             if not p.requires_grad or not q.requires_grad:
                 raise ValueError(f"backbone parameter {i} ({names_l[i]}) must require grad in both models")
+        if isinstance(self.config.lam, tuple) and len(self.config.lam) != len(self.lower_params):
+            raise ValueError(
+                f"config.lam has {len(self.config.lam)} values; a per-tensor lam needs one per backbone "
+                f"parameter tensor ({len(self.lower_params)})"
+            )
 
         if byol:
             if target_model is None:
@@ -384,24 +426,40 @@ class BiSSLTrainer:
             raise ValueError(f"BYOL uses exactly 2 views, got {len(views)}")
         return list(views)
 
+    def _forward_views(self, fn: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor]) -> Tensors:
+        """``fn`` of every view: one call per view (BatchNorm statistics per view) or one on their concatenation."""
+        if self.config.concat_views:
+            return tuple(fn(torch.cat(list(views))).chunk(len(views)))
+        return tuple(fn(v) for v in views)
+
     @torch.no_grad()
     def _targets(self, views: Sequence[torch.Tensor]) -> Tensors | None:
         """BYOL target projections of the views (no grad), or None for SimCLR."""
         if self.target_model is None:
             return None
-        t = self.target_head(self.target_backbone(torch.cat(list(views))))
-        return tuple(t.chunk(len(views)))
+        return self._forward_views(lambda x: self.target_head(self.target_backbone(x)), views)
 
     def pretext_loss(self, views: Sequence[torch.Tensor], targets: Tensors | None = None) -> torch.Tensor:
-        """``L_P`` on one lower batch: NT-Xent of ``head(backbone(views))`` or BYOL against ``targets``."""
+        """``L_P`` on one lower batch: NT-Xent of ``head(backbone(view))`` or BYOL against ``targets``.
+
+        Each view runs through the model on its own unless ``config.concat_views``.
+        """
         cfg = self.config
-        h = self.lower_head(self.lower_backbone(torch.cat(list(views))))
         if cfg.pretext == "simclr":
-            return _nt_xent(h, cfg.temperature, len(views), cfg.backend)
+            z = self._forward_views(lambda x: self.lower_head(self.lower_backbone(x)), views)
+            return _nt_xent(torch.cat(z), cfg.temperature, len(views), cfg.backend)
         if targets is None:
             raise ValueError("BYOL's pretext loss needs the target projections")
-        p1, p2 = self.predictor(h).chunk(2)  # type: ignore[misc]
+        p1, p2 = self._forward_views(lambda x: self.predictor(self.lower_head(self.lower_backbone(x))), views)  # type: ignore[misc]
         return _byol_loss(p1, p2, targets[0], targets[1], cfg.backend)
+
+    def _proximal_term(self) -> torch.Tensor:
+        """``sum_t (lam_t/2) ||theta_P,t - theta_D,t||^2`` with ``theta_D`` detached."""
+        lam = self.config.lam
+        squares = [((p - q.detach()) ** 2).sum() for p, q in zip(self.lower_params, self.upper_params)]
+        if isinstance(lam, tuple):
+            return sum(0.5 * lam_t * sq for lam_t, sq in zip(lam, squares))
+        return 0.5 * lam * sum(squares)
 
     # ---------------------------------------------------------------- steps
 
@@ -409,8 +467,7 @@ class BiSSLTrainer:
         cfg = self.config
         views = self._views(self.lower_stream.next())
         loss_p = self.pretext_loss(views, self._targets(views))
-        prox = sum(((p - q.detach()) ** 2).sum() for p, q in zip(self.lower_params, self.upper_params))
-        loss = loss_p + 0.5 * cfg.lam * prox
+        loss = loss_p + self._proximal_term()
         self.lower_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.lower_model.parameters() if p.grad is not None]

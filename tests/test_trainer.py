@@ -116,7 +116,7 @@ def test_upper_step_formula(digits):
     xu, yu = x[100:116], y[100:116]
 
     def pretext_loss():
-        z = lower.head(lower.backbone(torch.cat(views)))
+        z = torch.cat([lower.head(lower.backbone(v)) for v in views])  # one forward per view
         return reference.nt_xent(z, temperature=0.5)
 
     p_params = tuple(lower.backbone.parameters())
@@ -136,17 +136,25 @@ def test_upper_step_formula(digits):
     assert len(log["cg_relative_residuals"]) == 1 and 0 < log["cg_relative_residuals"][0] < float("inf")
 
 
-def test_lower_step_formula_and_clipping(digits):
-    """One lower step with SGD(lr=1): theta_P -= grad L_P + lam (theta_P - theta_D); clipping caps the step norm."""
+@pytest.mark.parametrize("concat_views", [False, True])
+def test_lower_step_formula_and_clipping(digits, concat_views):
+    """One lower step with SGD(lr=1): theta_P -= grad L_P + lam (theta_P - theta_D); clipping caps the step norm.
+
+    ``L_P`` runs one forward per view, or one on the concatenated views with ``concat_views``.
+    """
     x = digits.x.double()
     loader = TensorLoader(x[:32], None, batch_size=16, shuffle=False)
     trainer = _trainer(
         digits, "simclr", sgd=True, dtype=torch.float64, lower_iters=1, upper_iters=0, lam=0.5, clip_norm=1e9,
-        lower_loader=loader, lower_transform=_deterministic_views,
+        lower_loader=loader, lower_transform=_deterministic_views, concat_views=concat_views,
     )
     lower = copy.deepcopy(trainer.lower_model)
     theta_d = [p.detach() for p in trainer.upper_model.backbone.parameters()]
-    z = lower.head(lower.backbone(torch.cat(_deterministic_views(x[:16]))))
+    views = _deterministic_views(x[:16])
+    if concat_views:
+        z = lower.head(lower.backbone(torch.cat(views)))
+    else:
+        z = torch.cat([lower.head(lower.backbone(v)) for v in views])
     grads = torch.autograd.grad(reference.nt_xent(z, temperature=0.5), tuple(lower.parameters()))
     expected = [p.detach() - g for p, g in zip(lower.parameters(), grads)]
     for i, p in enumerate(lower.backbone.parameters()):  # the backbone comes first in lower.parameters()
@@ -211,8 +219,9 @@ def test_byol_target_only_updated_after_lower_steps(digits, solver):
     lower_before = copy.deepcopy(trainer.lower_model.state_dict())
     upper_before = _params(trainer)
     trainer.train_stage()
-    # Upper stage only: one target forward for the fixed lower batch, nothing inside the products.
-    assert len(calls) == 1
+    # Upper stage only: the target runs for the fixed lower batch (one forward per view), nothing
+    # inside the products.
+    assert len(calls) == 2
     for key, value in trainer.target_model.state_dict().items():
         assert torch.equal(value, target_before[key]), key
     for key, value in trainer.lower_model.state_dict().items():
