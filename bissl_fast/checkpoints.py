@@ -78,13 +78,13 @@ def _prefix_candidates(keys: Sequence[str]) -> set[str]:
 
 
 def _best_prefix(keys: Sequence[str], wanted: set[str]) -> str:
-    """The prefix under which most keys name an entry of ``wanted`` (shortest on ties; equal-length ties raise)."""
+    """The prefix under which most keys name an entry of ``wanted`` (shortest on ties; two complete fits raise)."""
     def score(prefix: str) -> tuple[int, int]:
         hits = sum(1 for k in keys if k.startswith(prefix) and k[len(prefix):] in wanted)
         return hits, -len(prefix)
 
     ranked = sorted(_prefix_candidates(keys), key=score, reverse=True)
-    if len(ranked) > 1 and score(ranked[0]) == score(ranked[1]) and score(ranked[0])[0] > 0:
+    if len(ranked) > 1 and score(ranked[0]) == score(ranked[1]) and score(ranked[0])[0] == len(wanted):
         raise ValueError(f"checkpoint keys fit the module under both {ranked[0]!r} and {ranked[1]!r}; pass prefix=...")
     return ranked[0]
 

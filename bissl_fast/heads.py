@@ -53,11 +53,13 @@ class ProjectionModel(nn.Module):
     ``forward(x)`` returns the projection ``head(backbone(x))`` ``[B, widths[-1]]``.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, byol: bool = False, widths: Sequence[int] = PAPER_MLP) -> None:
+    def __init__(
+        self, backbone: nn.Module, feature_dim: int, byol: bool = False, widths: Sequence[int] = PAPER_MLP, batchnorm: bool = True
+    ) -> None:
         super().__init__()
         self.backbone = backbone
-        self.head = projector(feature_dim, widths)
-        self.predictor = predictor(widths[-1], widths) if byol else None
+        self.head = projector(feature_dim, widths, batchnorm)
+        self.predictor = predictor(widths[-1], widths, batchnorm) if byol else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))
