@@ -702,3 +702,57 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 __all__ = ["PHASES", "PipelineConfig", "config_from_toml", "evaluate", "finetune", "format_summary", "run_pipeline"]
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: bissl-fast run
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> "argparse.ArgumentParser":
+    """``bissl-fast run``: ``--config FILE.toml`` plus one flag per :class:`PipelineConfig` field (flags win)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="bissl-fast run",
+        description="The BiSSL pipeline: pretext checkpoint -> head warm-up -> BiSSL -> fine-tuning. "
+        "Same command for 1 process or N under `torchrun --nproc_per_node=N -m bissl_fast.cli run ...`.",
+    )
+    parser.add_argument("--config", default=None, help="TOML file of settings (the flag names below, '_' for '-')")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    for f in fields(PipelineConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kind = str(f.type)
+        if "bool" in kind:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parse = int if kind.startswith("int") else float if kind.startswith("float") else str
+            parser.add_argument(flag, dest=f.name, type=parse, default=None, metavar=parse.__name__.upper())
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point of ``bissl-fast run``; bad input exits with status 2 and one line on stderr."""
+    args = vars(build_parser().parse_args(argv))
+    config_path, debug = args.pop("config"), args.pop("debug")
+    try:
+        if config_path is not None:
+            if not os.path.isfile(config_path):
+                raise FileNotFoundError(f"config file {config_path!r} does not exist")
+            cfg = config_from_toml(config_path, **args)
+        else:
+            cfg = PipelineConfig(**{k: v for k, v in args.items() if v is not None})
+        summary = run_pipeline(cfg)
+    except (ValueError, TypeError, OSError, ImportError) as exc:
+        if debug:
+            raise
+        print(f"bissl-fast run: error: {exc}".splitlines()[0], file=sys.stderr)
+        return 2
+    if _world()[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(summary))
+        print(f"outputs in {cfg.out}: summary.json, log.jsonl, checkpoint.pt, bissl_backbones.pt")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

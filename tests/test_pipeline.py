@@ -126,3 +126,33 @@ def test_shipped_configs_parse():
     assert (paper.pretext_lr, paper.lower_lr, paper.lower_warmup_steps, paper.finetune_epochs, paper.seeds) == (4.8, 1.0, 200, 400, 10)
     cpu = config_from_toml(os.path.join(root, "cpu_digits.toml"), seeds=1)
     assert cpu.data == "digits" and cpu.seeds == 1
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--seeds", "0"], "seeds must be >= 1"),
+    (["--pretext-batch-size", "1"], "pretext_batch_size must be >= 2"),
+    (["--stages", "-1"], "stages must be >= 0"),
+    (["--finetune-lr", "-1"], "finetune_lr must be a finite number > 0"),
+    (["--data", "imagefolder", "--data-root", "/no/such/folder"], "data_root '/no/such/folder' does not exist"),
+    (["--arch", "resnet9000", "--device", "cpu"], "unknown backbone 'resnet9000'"),
+    (["--config", "/no/such.toml"], "config file '/no/such.toml' does not exist"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, match):
+    from bissl_fast.cli import main
+
+    assert main(["run", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bissl-fast run: error: ") and len(err.strip().splitlines()) == 1
+    assert __import__("re").search(match, err), err
+
+
+def test_cli_flags_override_the_config_file(tmp_path, capsys):
+    from bissl_fast.cli import main
+
+    toml = tmp_path / "c.toml"
+    toml.write_text('[model]\narch = "resnet9000"\n[finetune]\nseeds = 0\n')
+    assert main(["run", "--config", str(toml), "--seeds", "1", "--out", str(tmp_path)]) == 2
+    assert "unknown backbone 'resnet9000'" in capsys.readouterr().err  # seeds=0 was overridden, arch was read
+    toml.write_text('[model]\narhc = "tiny_cnn"\n')
+    assert main(["run", "--config", str(toml)]) == 2
+    assert "unknown keys ['arhc']" in capsys.readouterr().err
