@@ -27,13 +27,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch

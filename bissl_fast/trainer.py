@@ -32,7 +32,7 @@ import copy
 import statistics
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch

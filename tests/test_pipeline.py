@@ -110,13 +110,16 @@ def test_bad_settings(tmp_path, bad, match):
         tiny(tmp_path, **bad)
 
 
-def test_bad_paths_and_arch(tmp_path):
+def test_bad_paths_and_arch(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="data_root .* does not exist"):
         run_pipeline(tiny(tmp_path, data="imagefolder", data_root=str(tmp_path / "missing")))
     with pytest.raises(ValueError, match="unknown backbone 'resnet9000'"):
         run_pipeline(tiny(tmp_path, arch="resnet9000"))
     with pytest.raises(ValueError, match="bf16 autocast is a CUDA option"):
         run_pipeline(tiny(tmp_path, bf16=True))
+    monkeypatch.setitem(__import__("sys").modules, "tensorboard", None)
+    with pytest.raises(ImportError, match="pip install tensorboard"):
+        run_pipeline(tiny(tmp_path, tensorboard=True))
 
 
 def test_shipped_configs_parse():
