@@ -85,10 +85,10 @@ class PipelineConfig:
     pretext_lr: float = 4.8
     pretext_weight_decay: float = 1e-6
     pretext_warmup_epochs: int = 10
-    # head warm-up
+    # head warm-up (lr / weight decay default to the upper level's, as in the paper)
     warmup_epochs: int = 20
-    warmup_lr: float = 0.05
-    warmup_weight_decay: float = 5e-4
+    warmup_lr: float | None = None
+    warmup_weight_decay: float | None = None
     # BiSSL
     stages: int = 500
     lower_iters: int = 20
@@ -143,10 +143,12 @@ class PipelineConfig:
         check_int_at_least("downstream_batch_size", self.downstream_batch_size, 1)
         check_int_at_least("finetune_batch_size", self.finetune_batch_size, 1)
         for name in ("pretext_lr", "warmup_lr", "lower_lr", "upper_lr", "finetune_lr", "temperature", "lower_eta"):
-            check_positive(name, getattr(self, name))
+            if getattr(self, name) is not None:
+                check_positive(name, getattr(self, name))
         for name in ("pretext_weight_decay", "warmup_weight_decay", "lower_weight_decay", "upper_weight_decay",
                      "finetune_weight_decay", "lam", "damping", "lower_momentum", "upper_momentum"):
-            check_nonnegative(name, getattr(self, name))
+            if getattr(self, name) is not None:
+                check_nonnegative(name, getattr(self, name))
         if self.threads is not None:
             check_int_at_least("threads", self.threads, 1)
         if self.image_size is not None:
@@ -403,7 +405,9 @@ def _pretrain(cfg: PipelineConfig, model: ProjectionModel, loader: Any, aug: _Au
 def _train_head(cfg: PipelineConfig, model: Classifier, splits: _Splits, aug: _Augment, log: _RunLog) -> None:
     """The paper's head warm-up: only the linear head learns; the backbone runs in train mode without gradients."""
     loader = _loader(splits.x_train, splits.y_train, cfg.downstream_batch_size, cfg.seed + 2)
-    opt = torch.optim.SGD(model.head.parameters(), lr=cfg.warmup_lr, momentum=0.9, weight_decay=cfg.warmup_weight_decay)
+    lr = cfg.upper_lr if cfg.warmup_lr is None else cfg.warmup_lr
+    weight_decay = cfg.upper_weight_decay if cfg.warmup_weight_decay is None else cfg.warmup_weight_decay
+    opt = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     model.train()
     head_params = list(model.head.parameters())
     for epoch in range(cfg.warmup_epochs):
@@ -418,7 +422,7 @@ def _train_head(cfg: PipelineConfig, model: Classifier, splits: _Splits, aug: _A
             _average_gradients(head_params)
             opt.step()
             losses.append(float(loss.detach()))
-        log.write({"phase": "warmup", "epoch": epoch, "loss": statistics.fmean(losses), "lr": cfg.warmup_lr}, step=epoch)
+        log.write({"phase": "warmup", "epoch": epoch, "loss": statistics.fmean(losses), "lr": lr}, step=epoch)
 
 
 def _make_trainer(
