@@ -40,6 +40,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._progress import progress_bar
 from ._resume import rng_state, set_rng_state
 from ._validation import check_int_at_least, check_nonnegative, check_positive
 from .backbones import build_backbone
@@ -50,7 +51,6 @@ from .heads import Classifier, ProjectionModel
 from .optim import LARS, warmup_cosine
 from .trainer import BiSSLConfig, BiSSLTrainer, _byol_loss, _mean_over_ranks, _nt_xent
 
-PHASES = ("pretext", "warmup", "bissl", "finetune")
 _DATASETS = ("digits", "cifar10", "imagefolder")
 _AUGMENTS = ("random", "flip")
 
@@ -462,7 +462,7 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 51
     return {"top1": top1 / n, "top5": top5 / n}
 
 
-def finetune(
+def _finetune(
     cfg: PipelineConfig, backbone: nn.Module, feature_dim: int, splits: _Splits, aug: _Augment, *, lr: float,
     weight_decay: float, seed: int, x_eval: torch.Tensor, y_eval: torch.Tensor, log: _RunLog | None = None, name: str = "",
 ) -> dict[str, float]:
@@ -625,6 +625,7 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
         trainer.load_state_dict(state["trainer"])
     else:
         restore_rng()
+    bar = progress_bar(cfg.stages - trainer.stage, "BiSSL stages", cfg.progress) if rank == 0 else None
     while trainer.stage < cfg.stages:
         # The learning rates of the stage's first steps (the schedulers move them every step).
         lrs = {"lower_lr": trainer.lower_optimizer.param_groups[0]["lr"], "upper_lr": trainer.upper_optimizer.param_groups[0]["lr"]}
@@ -634,6 +635,12 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
         log.write(record, step=entry.stage)
         state["trainer"] = trainer.state_dict()
         checkpoint(f"bissl:{entry.stage + 1}")
+        if bar is not None:
+            bar.update(1)
+            losses = {"lower_loss": entry.lower_loss, "upper_loss": entry.upper_loss}
+            bar.set_postfix(**{k: f"{v:.4f}" for k, v in losses.items() if v is not None})
+    if bar is not None:
+        bar.close()
     if "bissl" not in state["done"]:
         state["done"].append("bissl")
         checkpoint("bissl")
@@ -648,7 +655,7 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
         for trial, (lr, wd) in enumerate(_search_space(cfg.lr_search_trials, cfg.seed)):
             if trial < len(chosen["search"]):
                 continue
-            acc = finetune(cfg, init, feature_dim, splits, aug, lr=lr, weight_decay=wd, seed=cfg.seed,
+            acc = _finetune(cfg, init, feature_dim, splits, aug, lr=lr, weight_decay=wd, seed=cfg.seed,
                            x_eval=splits.x_val, y_eval=splits.y_val)
             chosen["search"].append({"lr": lr, "weight_decay": wd, **acc})
             log.write({"phase": "lr_search", "init": name, "trial": trial, "lr": lr, "weight_decay": wd, **acc})
@@ -661,7 +668,7 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
         for seed in range(cfg.seeds):
             if str(seed) in chosen["runs"]:
                 continue
-            acc = finetune(cfg, init, feature_dim, splits, aug, lr=lr, weight_decay=wd, seed=seed,
+            acc = _finetune(cfg, init, feature_dim, splits, aug, lr=lr, weight_decay=wd, seed=seed,
                            x_eval=splits.x_test, y_eval=splits.y_test, log=log, name=name)
             chosen["runs"][str(seed)] = {"lr": lr, "weight_decay": wd, **acc}
             log.write({"phase": "test", "init": name, "seed": seed, "lr": lr, "weight_decay": wd, **acc})
@@ -704,7 +711,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PHASES", "PipelineConfig", "config_from_toml", "evaluate", "finetune", "format_summary", "run_pipeline"]
+__all__ = ["PipelineConfig", "build_parser", "config_from_toml", "evaluate", "format_summary", "main", "run_pipeline"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -751,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"bissl-fast run: error: {exc}".splitlines()[0], file=sys.stderr)
         return 2
-    if _world()[0] == 0 and int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(summary))
         print(f"outputs in {cfg.out}: summary.json, log.jsonl, checkpoint.pt, bissl_backbones.pt")
     return 0
