@@ -3,7 +3,8 @@
 One *stage* (the paper's "epoch") is
 
 - a **lower stage** of ``lower_iters`` steps minimizing
-  ``L_P(theta_P) + (lam/2) ||theta_P - theta_D||^2`` (``theta_D`` detached) with gradient clipping;
+  ``L_P(theta_P) + (lam/2) ||theta_P - theta_D||^2`` (``theta_D`` detached; one ``lam_t`` per
+  parameter tensor when ``config.lam`` is a sequence) with gradient clipping;
 - an **upper stage** of ``upper_iters`` steps on ONE fixed lower batch. Each step takes a fresh
   downstream batch ``(x, y)`` and sets
 
@@ -12,6 +13,10 @@ One *stage* (the paper's "epoch") is
 
   where IJ-solve is ``(I + H / (lam + damping))^-1`` by a few CG iterations, ``H`` the Hessian of
   ``L_P`` w.r.t. ``theta_P`` on the fixed lower batch; then clipping and an upper optimizer step.
+
+``L_P`` runs every view through the lower model (and BYOL's target) in its own forward pass, so
+BatchNorm normalizes each view with its own statistics as in the paper (``concat_views=True``
+runs one forward on the concatenated views instead).
 
 Because ``theta_P`` and the lower batch do not change during the upper stage, ``H`` is one operator
 for every CG iteration of every upper step: with ``solver="reuse"`` the trainer builds
