@@ -83,8 +83,9 @@ class BiSSLConfig:
         batch statistics then mix the views, which the paper does not do.
     solver: ``"reuse"`` (Hessian operator built once per upper stage) or ``"recompute"`` (paper).
     backend: backend of the fused losses (``"auto" | "torch" | "cpp" | "triton" | "cuda"``).
-    progress: progress report on rank 0: ``True`` a tqdm bar (plain lines and a one-line note when
-        tqdm is not installed), ``None`` a bar only when tqdm is installed, ``False`` none.
+    progress: progress report on rank 0: ``None`` (default) a tqdm bar when tqdm is installed and
+        nothing otherwise, ``True`` a tqdm bar (plain lines and a one-line note naming the ``demo``
+        extra when tqdm is not installed), ``False`` none.
     """
 
     pretext: str = "simclr"
@@ -100,7 +101,7 @@ class BiSSLConfig:
     concat_views: bool = False
     solver: str = "reuse"
     backend: str = "auto"
-    progress: bool | None = True
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.pretext not in _PRETEXTS:

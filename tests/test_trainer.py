@@ -294,6 +294,7 @@ def test_progress_without_tqdm(digits, monkeypatch, capsys):
     assert "BiSSL: 4/4" in err
     _trainer(digits, "simclr", progress=None).fit(1)
     assert capsys.readouterr().err == ""
+    assert BiSSLConfig().progress is None  # the default never asks for a bar explicitly
 
 
 def test_stage_log_and_weights_only_checkpoint(digits):
