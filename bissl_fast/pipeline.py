@@ -134,9 +134,12 @@ class PipelineConfig:
         if self.pretext_data is not None and self.pretext_data not in _DATASETS:
             raise ValueError(f"pretext_data must be one of {_DATASETS}, got {self.pretext_data!r}")
         for name in ("pretext_epochs", "warmup_epochs", "stages", "lower_iters", "upper_iters", "finetune_epochs",
-                     "lr_search_trials", "pretext_warmup_epochs", "lower_warmup_steps", "test_per_class", "val_per_class", "seed"):
+                     "lr_search_trials", "pretext_warmup_epochs", "lower_warmup_steps", "val_per_class", "seed"):
             check_int_at_least(name, getattr(self, name), 0)
         check_int_at_least("seeds", self.seeds, 1)
+        check_int_at_least("test_per_class", self.test_per_class, 1)
+        if self.lr_search_trials and not self.val_per_class:
+            raise ValueError("lr_search_trials needs a validation split: set val_per_class > 0")
         check_int_at_least("cg_iters", self.cg_iters, 1)
         minimum = 2 if self.pretext == "simclr" else 1
         check_int_at_least("pretext_batch_size", self.pretext_batch_size, minimum)
@@ -309,8 +312,7 @@ def _load_data(cfg: PipelineConfig, device: torch.device) -> _Splits:
         if root is not None and not os.path.isdir(root):
             raise FileNotFoundError(f"{name} {root!r} does not exist or is not a directory")
     data = load_dataset(cfg.data, cfg.data_root, cfg.image_size)
-    test_idx, rest = stratified_split(data.y, cfg.test_per_class, seed=cfg.seed) if cfg.test_per_class else (
-        torch.zeros(0, dtype=torch.long), torch.arange(data.y.numel()))
+    test_idx, rest = stratified_split(data.y, cfg.test_per_class, seed=cfg.seed)
     if cfg.val_per_class:
         val_pos, train_pos = stratified_split(data.y[rest], cfg.val_per_class, seed=cfg.seed + 1)
         val_idx, train_idx = rest[val_pos], rest[train_pos]
@@ -650,8 +652,6 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
     results = state["finetune"]
     for name, init in inits.items():
         chosen = results.setdefault(name, {"search": [], "runs": {}})
-        if cfg.lr_search_trials and splits.x_val.numel() == 0:
-            raise ValueError("lr_search_trials needs a validation split (val_per_class > 0)")
         for trial, (lr, wd) in enumerate(_search_space(cfg.lr_search_trials, cfg.seed)):
             if trial < len(chosen["search"]):
                 continue

@@ -104,6 +104,8 @@ def test_pretext_checkpoint_is_loaded_and_checked(tmp_path):
     (dict(upper_lr=-0.1), "upper_lr must be a finite number > 0"),
     (dict(data="mnist"), "data must be one of"),
     (dict(lam=0.0, damping=0.0), r"lam \+ damping"),
+    (dict(lr_search_trials=2, val_per_class=0), "needs a validation split"),
+    (dict(test_per_class=0), "test_per_class must be >= 1"),
 ])
 def test_bad_settings(tmp_path, bad, match):
     with pytest.raises(ValueError, match=match):
