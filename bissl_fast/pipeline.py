@@ -57,7 +57,7 @@ _AUGMENTS = ("random", "flip")
 
 @dataclass
 class PipelineConfig:
-    """Every setting of :func:`run_pipeline`; the CLI flags and TOML keys have these names.
+    """Every setting of :func:`run_pipeline` (described in :data:`FIELD_HELP`); the CLI flags and TOML keys have these names.
 
     Batch sizes are global (split over ``torchrun`` ranks). The defaults are the paper's
     ImageNet/ResNet-50 recipe where it has one (``configs/paper_resnet50.toml`` spells them out);
@@ -167,6 +167,64 @@ class PipelineConfig:
             progress=False,
         )
 
+
+#: One line per setting: the ``bissl-fast run --help`` text.
+FIELD_HELP = {
+    "data": "downstream dataset: digits (scikit-learn, nothing downloaded), cifar10, imagefolder",
+    "data_root": "folder of the cifar10 / imagefolder data",
+    "pretext_data": "unlabeled data of pretraining and BiSSL's lower level (default: the labeled training images)",
+    "pretext_data_root": "folder of pretext_data",
+    "image_size": "resize images to this side (default: native size)",
+    "test_per_class": "held-out test images per class (top-1 / top-5 are measured on them)",
+    "val_per_class": "validation images per class (for the lr search)",
+    "augment": "random (SimCLR-style batched augmentations) or flip (deterministic views, for tests)",
+    "arch": "backbone: tiny_cnn, tiny_resnet, small_resnet, resnet18_cifar, resnet18..resnet152 (timm/torchvision)",
+    "pretext": "simclr or byol",
+    "pretext_checkpoint": "pretext backbone weights (plain, the paper's, lightly, solo-learn, torchvision, DDP)",
+    "pretext_head_checkpoint": "the paper's pretext head file (projector.* / predictor.* keys)",
+    "projector_batchnorm": "BatchNorm in the projector / predictor hidden layers (the paper's)",
+    "pretext_epochs": "SimCLR/BYOL pretraining epochs when no pretext_checkpoint is given",
+    "pretext_batch_size": "global pretext batch (images; 2 views each), also BiSSL's lower batch",
+    "pretext_lr": "pretraining LARS learning rate",
+    "pretext_weight_decay": "pretraining LARS weight decay",
+    "pretext_warmup_epochs": "pretraining linear warm-up epochs (then cosine to 0.001 x lr)",
+    "warmup_epochs": "head warm-up epochs (only the linear head trains)",
+    "warmup_lr": "head warm-up SGD learning rate (default: upper_lr)",
+    "warmup_weight_decay": "head warm-up weight decay (default: upper_weight_decay)",
+    "stages": "BiSSL stages (each lower_iters lower + upper_iters upper steps)",
+    "lower_iters": "lower (pretext) steps per stage",
+    "upper_iters": "upper (downstream) steps per stage",
+    "lam": "proximal weight between the lower and upper backbones",
+    "damping": "added to lam in the implicit-gradient system",
+    "cg_iters": "CG iterations per implicit gradient",
+    "temperature": "NT-Xent temperature",
+    "byol_momentum": "BYOL target EMA rate",
+    "concat_views": "one forward on the concatenated views (the paper runs one per view)",
+    "solver": "reuse (Hessian graph built once per upper stage) or recompute (the paper's)",
+    "lower_lr": "lower-level LARS learning rate (warm-up then cosine over all lower steps)",
+    "lower_weight_decay": "lower-level LARS weight decay",
+    "lower_momentum": "lower-level LARS momentum",
+    "lower_eta": "lower-level LARS trust coefficient",
+    "lower_warmup_steps": "lower-level linear warm-up steps",
+    "upper_lr": "upper-level SGD learning rate (cosine over all upper steps)",
+    "upper_weight_decay": "upper-level SGD weight decay",
+    "upper_momentum": "upper-level SGD momentum",
+    "downstream_batch_size": "global downstream batch of the warm-up and the upper level",
+    "finetune_epochs": "fine-tuning epochs per run",
+    "finetune_batch_size": "global fine-tuning batch",
+    "finetune_lr": "fine-tuning SGD learning rate (replaced by the search's choice when searching)",
+    "finetune_weight_decay": "fine-tuning weight decay (replaced by the search's choice when searching)",
+    "lr_search_trials": "random-search trials of (lr, weight decay) on the validation split, per initialization",
+    "seeds": "fine-tuning seeds per initialization",
+    "device": "auto, cpu, cuda or cuda:N (torchrun: LOCAL_RANK picks the GPU)",
+    "bf16": "bf16 autocast in every stage (CUDA only)",
+    "threads": "torch CPU threads",
+    "seed": "seed of model initialization, splits and loaders",
+    "out": "output folder (checkpoint.pt, log.jsonl, summary.json, bissl_backbones.pt)",
+    "resume": "continue from <out>/checkpoint.pt when it exists",
+    "tensorboard": "also write TensorBoard scalars (needs tensorboard)",
+    "progress": "progress over BiSSL stages: a tqdm bar, or plain lines without tqdm",
+}
 
 #: Fields that may differ between a run and its resume (they do not change the result).
 _RUNTIME_FIELDS = ("out", "resume", "tensorboard", "progress", "threads")
@@ -711,7 +769,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PipelineConfig", "build_parser", "config_from_toml", "evaluate", "format_summary", "main", "run_pipeline"]
+__all__ = ["FIELD_HELP", "PipelineConfig", "build_parser", "config_from_toml", "evaluate", "format_summary", "main", "run_pipeline"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -723,7 +781,11 @@ def build_parser() -> "argparse.ArgumentParser":
     """``bissl-fast run``: ``--config FILE.toml`` plus one flag per :class:`PipelineConfig` field (flags win)."""
     import argparse
 
-    parser = argparse.ArgumentParser(
+    class OneLineErrors(argparse.ArgumentParser):
+        def error(self, message: str) -> None:  # type: ignore[override]
+            self.exit(2, f"{self.prog}: error: {message}\n")
+
+    parser = OneLineErrors(
         prog="bissl-fast run",
         description="The BiSSL pipeline: pretext checkpoint -> head warm-up -> BiSSL -> fine-tuning. "
         "Same command for 1 process or N under `torchrun --nproc_per_node=N -m bissl_fast.cli run ...`.",
@@ -734,10 +796,11 @@ def build_parser() -> "argparse.ArgumentParser":
         flag = "--" + f.name.replace("_", "-")
         kind = str(f.type)
         if "bool" in kind:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=FIELD_HELP[f.name])
         else:
             parse = int if kind.startswith("int") else float if kind.startswith("float") else str
-            parser.add_argument(flag, dest=f.name, type=parse, default=None, metavar=parse.__name__.upper())
+            parser.add_argument(flag, dest=f.name, type=parse, default=None, metavar=parse.__name__.upper(),
+                                help=FIELD_HELP[f.name] + ("" if f.default is None else f" (default {f.default})"))
     return parser
 
 

@@ -151,6 +151,16 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, match):
     assert __import__("re").search(match, err), err
 
 
+def test_cli_unparsable_flag_is_one_line(capsys):
+    from bissl_fast.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", "--stages", "many"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "bissl-fast run: error: argument --stages: invalid int value: 'many'\n"
+
+
 def test_cli_flags_override_the_config_file(tmp_path, capsys):
     from bissl_fast.cli import main
 
@@ -161,3 +171,11 @@ def test_cli_flags_override_the_config_file(tmp_path, capsys):
     toml.write_text('[model]\narhc = "tiny_cnn"\n')
     assert main(["run", "--config", str(toml)]) == 2
     assert "unknown keys ['arhc']" in capsys.readouterr().err
+
+
+def test_every_setting_has_help():
+    from dataclasses import fields
+
+    from bissl_fast.pipeline import FIELD_HELP
+
+    assert sorted(FIELD_HELP) == sorted(f.name for f in fields(PipelineConfig))
