@@ -17,10 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark (pytest-benchmark max_time)")
     sub.add_parser("demo", help="pretext pretraining -> BiSSL -> fine-tuning on a real dataset", add_help=False)
+    sub.add_parser("run", help="the paper's pipeline: checkpoint -> head warm-up -> BiSSL -> fine-tuning", add_help=False)
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
 
         return demo_main(argv[1:]) or 0
+    if argv[:1] == ["run"]:
+        from .pipeline import main as run_main
+
+        return run_main(argv[1:])
     args = parser.parse_args(argv)
     from .bench_report import DEFAULT_SUITE_DIR, run_bench
 

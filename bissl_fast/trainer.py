@@ -3,7 +3,8 @@
 One *stage* (the paper's "epoch") is
 
 - a **lower stage** of ``lower_iters`` steps minimizing
-  ``L_P(theta_P) + (lam/2) ||theta_P - theta_D||^2`` (``theta_D`` detached) with gradient clipping;
+  ``L_P(theta_P) + (lam/2) ||theta_P - theta_D||^2`` (``theta_D`` detached; one ``lam_t`` per
+  parameter tensor when ``config.lam`` is a sequence) with gradient clipping;
 - an **upper stage** of ``upper_iters`` steps on ONE fixed lower batch. Each step takes a fresh
   downstream batch ``(x, y)`` and sets
 
@@ -12,6 +13,10 @@ One *stage* (the paper's "epoch") is
 
   where IJ-solve is ``(I + H / (lam + damping))^-1`` by a few CG iterations, ``H`` the Hessian of
   ``L_P`` w.r.t. ``theta_P`` on the fixed lower batch; then clipping and an upper optimizer step.
+
+``L_P`` runs every view through the lower model (and BYOL's target) in its own forward pass, so
+BatchNorm normalizes each view with its own statistics as in the paper (``concat_views=True``
+runs one forward on the concatenated views instead).
 
 Because ``theta_P`` and the lower batch do not change during the upper stage, ``H`` is one operator
 for every CG iteration of every upper step: with ``solver="reuse"`` the trainer builds
@@ -29,19 +34,22 @@ per-rank batch statistics, as in DDP without SyncBatchNorm.
 from __future__ import annotations
 
 import copy
-import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from . import reference
+from ._progress import progress_bar
+from ._resume import BatchStream, rng_state, set_rng_state
+from ._stage import FrozenBuffers, StageLog, implicit_solver
 from ._validation import check_int_at_least, check_nonnegative, check_positive
+from .ema import EMATarget
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -51,33 +59,49 @@ _SOLVERS = ("reuse", "recompute")
 
 @dataclass
 class BiSSLConfig:
-    """Hyper-parameters of the BiSSL stage; defaults are the paper's.
+    """Hyper-parameters of the BiSSL stage (docs/design.md §2.4).
+
+    The paper's values (its own scripts) are the defaults of every field that has a counterpart
+    there: ``lower_iters=20``, ``upper_iters=8``, ``lam=0.001``, ``damping=10``, ``cg_iters=5``,
+    ``layerwise=True``, ``clip_norm=10``, ``temperature=0.5``, ``byol_momentum=0.9995`` and one
+    backbone forward per view (``concat_views=False``). The other fields are this library's and
+    change speed or reporting, not the result: ``solver="reuse"`` equals the paper's
+    ``"recompute"`` to floating-point rounding (built once per upper stage instead of per
+    product), ``backend`` picks the fused-loss kernels (all agree with the reference), and
+    ``progress`` only prints.
 
     pretext: ``"simclr"`` (NT-Xent over ``m`` views) or ``"byol"`` (2 views, EMA target network).
-    lower_iters / upper_iters: steps of each level per stage (20 / 8).
-    lam: weight of the proximal term ``(lam/2)||theta_P - theta_D||^2`` and of the IJ system.
+    lower_iters / upper_iters: steps of each level per stage.
+    lam: weight of the proximal term ``sum_t (lam_t/2)||theta_P,t - theta_D,t||^2`` and of the IJ
+        system; a scalar, or one value per backbone parameter tensor (in ``parameters()`` order).
     damping: added to ``lam`` in ``(I + H/(lam + damping)) x = v``.
     cg_iters / layerwise: CG iterations and per-tensor (layerwise) or global CG scalars.
     clip_norm: max total gradient norm of each level's step.
     temperature: NT-Xent temperature. byol_momentum: EMA rate of the BYOL target network.
+    concat_views: run all views through the lower model (and BYOL's target) as one concatenated
+        batch instead of one forward per view. Same loss without BatchNorm; with BatchNorm the
+        batch statistics then mix the views, which the paper does not do.
     solver: ``"reuse"`` (Hessian operator built once per upper stage) or ``"recompute"`` (paper).
     backend: backend of the fused losses (``"auto" | "torch" | "cpp" | "triton" | "cuda"``).
-    progress: show a tqdm bar (rank 0 only).
+    progress: progress report on rank 0: ``None`` (default) a tqdm bar when tqdm is installed and
+        nothing otherwise, ``True`` a tqdm bar (plain lines and a one-line note naming the ``demo``
+        extra when tqdm is not installed), ``False`` none.
     """
 
     pretext: str = "simclr"
     lower_iters: int = 20
     upper_iters: int = 8
-    lam: float = 0.001
+    lam: float | tuple[float, ...] = 0.001
     damping: float = 10.0
     cg_iters: int = 5
     layerwise: bool = True
     clip_norm: float = 10.0
     temperature: float = 0.5
-    byol_momentum: float = 0.99
+    byol_momentum: float = 0.9995
+    concat_views: bool = False
     solver: str = "reuse"
     backend: str = "auto"
-    progress: bool = True
+    progress: bool | None = None
 
     def __post_init__(self) -> None:
         if self.pretext not in _PRETEXTS:
@@ -87,9 +111,17 @@ class BiSSLConfig:
         check_int_at_least("lower_iters", self.lower_iters, 0)
         check_int_at_least("upper_iters", self.upper_iters, 0)
         check_int_at_least("cg_iters", self.cg_iters, 1)
-        check_nonnegative("lam", self.lam)
-        check_nonnegative("damping", self.damping)
-        check_positive("lam + damping", self.lam + self.damping)
+        damping = check_nonnegative("damping", self.damping)
+        if isinstance(self.lam, (tuple, list)):
+            if not self.lam:
+                raise ValueError("lam must be a number or a non-empty sequence of numbers, got an empty sequence")
+            self.lam = tuple(check_nonnegative(f"lam[{i}]", value) for i, value in enumerate(self.lam))
+            for i, value in enumerate(self.lam):
+                check_positive(f"lam[{i}] + damping", value + damping)
+        else:
+            check_positive("lam + damping", check_nonnegative("lam", self.lam) + damping)
+        if not isinstance(self.concat_views, bool):
+            raise TypeError(f"concat_views must be a bool, got {type(self.concat_views).__name__}")
         check_positive("clip_norm", self.clip_norm)
         check_positive("temperature", self.temperature)
         m = check_nonnegative("byol_momentum", self.byol_momentum)
@@ -143,127 +175,6 @@ def _byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.T
 
 
 # --------------------------------------------------------------------------------------------
-# RNG and data-stream state
-# --------------------------------------------------------------------------------------------
-
-
-def _loader_generators(loader: Any) -> list[torch.Generator]:
-    found = []
-    for owner in (loader, getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-        gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator) and all(gen is not g for g in found):
-            found.append(gen)
-    return found
-
-
-class _BatchStream:
-    """Endless batches from a loader, with a checkpointable position.
-
-    Loaders with ``state_dict``/``load_state_dict`` (e.g. :class:`bissl_fast.data.TensorLoader`)
-    save their own position. For any other iterable (e.g. ``torch.utils.data.DataLoader``) the
-    stream records torch's global RNG state and the loader's generators at the moment the current
-    pass started (a shuffling sampler and worker seeds draw from them in ``iter()``) plus the
-    number of batches consumed; resuming replays that ``iter()`` and skips the consumed batches.
-    """
-
-    def __init__(self, loader: Iterable[Any], name: str) -> None:
-        if not isinstance(loader, Iterable):
-            raise TypeError(f"{name} must be an iterable of batches, got {type(loader).__name__}")
-        self.loader, self.name = loader, name
-        self.stateful = callable(getattr(loader, "state_dict", None)) and callable(getattr(loader, "load_state_dict", None))
-        self._it: Iterator[Any] | None = None
-        self._pass_rng: dict[str, Any] | None = None
-        self.consumed = 0
-
-    def _start_pass(self) -> None:
-        if not self.stateful:
-            self._pass_rng = {
-                "torch": torch.get_rng_state(),
-                "generators": [g.get_state() for g in _loader_generators(self.loader)],
-            }
-            self.consumed = 0
-        self._it = iter(self.loader)
-
-    def next(self) -> Any:
-        for _ in range(2):
-            if self._it is None:
-                self._start_pass()
-            try:
-                batch = next(self._it)  # type: ignore[arg-type]
-            except StopIteration:
-                self._it = None
-                continue
-            self.consumed += 1
-            return batch
-        raise ValueError(f"{self.name} yielded no batches")
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.stateful:
-            return {"loader": self.loader.state_dict()}  # type: ignore[attr-defined]
-        return {"active": self._it is not None, "pass_rng": self._pass_rng, "consumed": self.consumed}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._it = None
-        if self.stateful:
-            self.loader.load_state_dict(state["loader"])  # type: ignore[attr-defined]
-            return
-        self.consumed = 0
-        if not state["active"]:
-            return
-        # Replay the interrupted pass: same RNG at iter() time, then skip what was consumed.
-        # The trainer restores the global RNG state after this, so the replay leaves no trace.
-        self._pass_rng = state["pass_rng"]
-        torch.set_rng_state(self._pass_rng["torch"])
-        gens = _loader_generators(self.loader)
-        if len(gens) != len(self._pass_rng["generators"]):
-            raise ValueError(f"{self.name} has {len(gens)} generators, the checkpoint {len(self._pass_rng['generators'])}")
-        for g, s in zip(gens, self._pass_rng["generators"]):
-            g.set_state(s)
-        self._it = iter(self.loader)
-        for i in range(int(state["consumed"])):
-            try:
-                next(self._it)
-            except StopIteration as exc:
-                raise ValueError(f"{self.name} ended after {i} batches while resuming at batch {state['consumed']}") from exc
-        self.consumed = int(state["consumed"])
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class _FrozenBuffers:
-    """Restores the buffers (BatchNorm running stats) of the given modules on exit.
-
-    The upper stage runs the lower model (for ``v``, for every recomputed Hessian product) and the
-    BYOL target (for the fixed batch's targets) forward, but must change neither: only lower
-    steps do.
-    """
-
-    def __init__(self, *modules: nn.Module | None) -> None:
-        self.modules = [m for m in modules if m is not None]
-
-    def __enter__(self) -> None:
-        self.saved = [(b, b.detach().clone()) for m in self.modules for b in m.buffers()]
-
-    def __exit__(self, *exc: object) -> None:
-        with torch.no_grad():
-            for b, saved in self.saved:
-                b.copy_(saved)
-
-
-# --------------------------------------------------------------------------------------------
 # Trainer
 # --------------------------------------------------------------------------------------------
 
@@ -300,7 +211,7 @@ class BiSSLTrainer:
         target_model: BYOL target network (``.backbone``, ``.head``); a deep copy of the lower
             model when omitted. It is updated by EMA after each lower step only.
 
-    ``train_stage()`` runs one lower + upper stage and appends a dict to ``self.log``;
+    ``train_stage()`` runs one lower + upper stage and appends a :class:`StageLog` to ``self.log``;
     ``fit(stages)`` runs several. ``state_dict()`` / ``load_state_dict()`` cover models,
     optimizers, schedulers, counters, RNG states and loader positions, so a run resumed from a
     checkpoint taken between stages ends bit-identical to an uninterrupted one.
@@ -353,6 +264,11 @@ class BiSSLTrainer:
                 )
             if not p.requires_grad or not q.requires_grad:
                 raise ValueError(f"backbone parameter {i} ({names_l[i]}) must require grad in both models")
+        if isinstance(self.config.lam, tuple) and len(self.config.lam) != len(self.lower_params):
+            raise ValueError(
+                f"config.lam has {len(self.config.lam)} values; a per-tensor lam needs one per backbone "
+                f"parameter tensor ({len(self.lower_params)})"
+            )
 
         if byol:
             if target_model is None:
@@ -360,29 +276,27 @@ class BiSSLTrainer:
             self.target_backbone = _module_attr(target_model, "backbone", "target_model", "the BYOL target backbone")
             self.target_head = _module_attr(target_model, "head", "target_model", "the BYOL target projector")
             self.target_model: nn.Module | None = target_model
-            self._ema_pairs = list(zip(
-                list(self.target_backbone.parameters()) + list(self.target_head.parameters()),
-                list(self.lower_backbone.parameters()) + list(self.lower_head.parameters()),
-            ))
-            for t, _ in self._ema_pairs:
-                t.requires_grad_(False)
+            self.ema: EMATarget | None = EMATarget(
+                [self.lower_backbone, self.lower_head], [self.target_backbone, self.target_head], self.config.byol_momentum
+            )
         else:
             self.target_model = None
+            self.ema = None
 
         for name, opt in (("lower_optimizer", lower_optimizer), ("upper_optimizer", upper_optimizer)):
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError(f"{name} must be a torch.optim.Optimizer, got {type(opt).__name__}")
         self.lower_optimizer, self.upper_optimizer = lower_optimizer, upper_optimizer
         self.lower_scheduler, self.upper_scheduler = lower_scheduler, upper_scheduler
-        self.lower_stream = _BatchStream(lower_loader, "lower_loader")
-        self.upper_stream = _BatchStream(upper_loader, "upper_loader")
+        self.lower_stream = BatchStream(lower_loader, "lower_loader")
+        self.upper_stream = BatchStream(upper_loader, "upper_loader")
         self.lower_transform, self.upper_transform = lower_transform, upper_transform
         self.downstream_loss = downstream_loss if downstream_loss is not None else F.cross_entropy
         self.stage = 0
         self.lower_step = 0
         self.upper_step = 0
-        self.log: list[dict[str, Any]] = []
-        self._bar: Any = None  # the tqdm bar of a running fit()
+        self.log: list[StageLog] = []
+        self._bar: Any = None  # the progress bar of a running fit()
 
     # ---------------------------------------------------------------- losses
 
@@ -402,24 +316,40 @@ class BiSSLTrainer:
             raise ValueError(f"BYOL uses exactly 2 views, got {len(views)}")
         return list(views)
 
+    def _forward_views(self, fn: Callable[[torch.Tensor], torch.Tensor], views: Sequence[torch.Tensor]) -> Tensors:
+        """``fn`` of every view: one call per view (BatchNorm statistics per view) or one on their concatenation."""
+        if self.config.concat_views:
+            return tuple(fn(torch.cat(list(views))).chunk(len(views)))
+        return tuple(fn(v) for v in views)
+
     @torch.no_grad()
     def _targets(self, views: Sequence[torch.Tensor]) -> Tensors | None:
         """BYOL target projections of the views (no grad), or None for SimCLR."""
         if self.target_model is None:
             return None
-        t = self.target_head(self.target_backbone(torch.cat(list(views))))
-        return tuple(t.chunk(len(views)))
+        return self._forward_views(lambda x: self.target_head(self.target_backbone(x)), views)
 
     def pretext_loss(self, views: Sequence[torch.Tensor], targets: Tensors | None = None) -> torch.Tensor:
-        """``L_P`` on one lower batch: NT-Xent of ``head(backbone(views))`` or BYOL against ``targets``."""
+        """``L_P`` on one lower batch: NT-Xent of ``head(backbone(view))`` or BYOL against ``targets``.
+
+        Each view runs through the model on its own unless ``config.concat_views``.
+        """
         cfg = self.config
-        h = self.lower_head(self.lower_backbone(torch.cat(list(views))))
         if cfg.pretext == "simclr":
-            return _nt_xent(h, cfg.temperature, len(views), cfg.backend)
+            z = self._forward_views(lambda x: self.lower_head(self.lower_backbone(x)), views)
+            return _nt_xent(torch.cat(z), cfg.temperature, len(views), cfg.backend)
         if targets is None:
             raise ValueError("BYOL's pretext loss needs the target projections")
-        p1, p2 = self.predictor(h).chunk(2)  # type: ignore[misc]
+        p1, p2 = self._forward_views(lambda x: self.predictor(self.lower_head(self.lower_backbone(x))), views)  # type: ignore[misc]
         return _byol_loss(p1, p2, targets[0], targets[1], cfg.backend)
+
+    def _proximal_term(self) -> torch.Tensor:
+        """``sum_t (lam_t/2) ||theta_P,t - theta_D,t||^2`` with ``theta_D`` detached."""
+        lam = self.config.lam
+        squares = [((p - q.detach()) ** 2).sum() for p, q in zip(self.lower_params, self.upper_params)]
+        if isinstance(lam, tuple):
+            return sum(0.5 * lam_t * sq for lam_t, sq in zip(lam, squares))
+        return 0.5 * lam * sum(squares)
 
     # ---------------------------------------------------------------- steps
 
@@ -427,8 +357,7 @@ class BiSSLTrainer:
         cfg = self.config
         views = self._views(self.lower_stream.next())
         loss_p = self.pretext_loss(views, self._targets(views))
-        prox = sum(((p - q.detach()) ** 2).sum() for p, q in zip(self.lower_params, self.upper_params))
-        loss = loss_p + 0.5 * cfg.lam * prox
+        loss = loss_p + self._proximal_term()
         self.lower_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.lower_model.parameters() if p.grad is not None]
@@ -438,11 +367,8 @@ class BiSSLTrainer:
         self.lower_optimizer.step()
         if self.lower_scheduler is not None:
             self.lower_scheduler.step()
-        if self.target_model is not None:
-            with torch.no_grad():
-                m = cfg.byol_momentum
-                for t, o in self._ema_pairs:
-                    t.mul_(m).add_(o.detach(), alpha=1 - m)
+        if self.ema is not None:
+            self.ema.update(cfg.byol_momentum)
         self.lower_step += 1
         return float(loss_p.detach())
 
@@ -478,48 +404,15 @@ class BiSSLTrainer:
         self.upper_step += 1
         return float(loss_d.detach())
 
-    def _make_solver(self, loss_fn: Callable[[], torch.Tensor], residuals: list[float]) -> tuple[Callable[[Tensors], Tensors], Callable[[], None]]:
-        """``(solve, release)`` of the IJ system ``(I + H/(lam + damping)) x = v`` for this upper stage.
-
-        ``"reuse"`` builds one :class:`~bissl_fast.solver.HessianOperator` for the whole stage and
-        appends each solve's final relative CG residual to ``residuals``; ``"recompute"`` is the
-        paper-style reference (no residuals: it does not report them).
-        """
-        cfg = self.config
-        if cfg.solver == "recompute":
-            def solve(v: Tensors) -> Tensors:
-                return reference.implicit_grad(loss_fn, self.lower_params, v, cfg.lam, cfg.damping, cfg.cg_iters, cfg.layerwise)
-
-            return solve, lambda: None
-
-        from .solver import HessianOperator, ImplicitGradient
-
-        # Reverse-over-reverse on the retained graph: the fused losses are autograd.Functions
-        # without torch.func support, which the operator's forward-over-reverse mode needs.
-        op = HessianOperator(loss_fn, self.lower_params, mode="rev-rev")
-        ig = ImplicitGradient(self.lower_params, lam=cfg.lam, damping=cfg.damping, iters=cfg.cg_iters, layerwise=cfg.layerwise)
-
-        def solve_reuse(v: Tensors) -> Tensors:
-            x, info = ig.solve(op, v, return_info=True)
-            residuals.append(info.relative_residuals[-1])
-            return x
-
-        return solve_reuse, op.release
-
     # ---------------------------------------------------------------- stages
 
-    def train_stage(self) -> dict[str, Any]:
+    def train_stage(self) -> StageLog:
         """One BiSSL stage (lower stage, then upper stage); returns and logs its summary.
 
         The upper stage draws its fixed lower batch from the lower loader (``lower_iters + 1``
         lower batches per stage) and leaves the lower model and the BYOL target unchanged,
-        BatchNorm running statistics included. The log entry has: ``stage``, ``lower_loss`` /
-        ``upper_loss`` (means; the upper one is ``L_D`` through the upper backbone) and the
-        per-step ``lower_losses`` / ``upper_losses``, ``cg_relative_residuals`` (final
-        ``||r|| / ||v||`` of each upper step's CG; empty for ``solver="recompute"``, whose
-        reference does not report it), ``lower_time_s``, ``upper_time_s``, ``lower_steps_per_s``,
-        ``upper_steps_per_s``, ``hvp_per_s`` (Hessian products per second in the upper stage) and
-        ``lower_batch_size`` (per rank).
+        BatchNorm running statistics included. The fields of the entry are described in
+        :class:`StageLog`.
         """
         cfg = self.config
         self.lower_model.train()
@@ -540,7 +433,7 @@ class BiSSLTrainer:
         upper_losses: list[float] = []
         residuals: list[float] = []
         if cfg.upper_iters > 0:
-            with _FrozenBuffers(self.lower_model, self.target_model):
+            with FrozenBuffers(self.lower_model, self.target_model):
                 views = self._views(self.lower_stream.next())
                 samples = views[0].shape[0]
                 targets = self._targets(views)  # BYOL: once per operator, never inside a product
@@ -548,42 +441,37 @@ class BiSSLTrainer:
                 def loss_fn() -> torch.Tensor:
                     return self.pretext_loss(views, targets)
 
-                solve, release = self._make_solver(loss_fn, residuals)
-                try:
+                with implicit_solver(loss_fn, self.lower_params, cfg, residuals) as solve:
                     for _ in range(cfg.upper_iters):
                         upper_losses.append(self._upper_step(solve))
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(stage=self.stage, upper_loss=f"{upper_losses[-1]:.4f}")
-                finally:
-                    release()
         t2 = time.perf_counter()
-        entry = {
-            "stage": self.stage,
-            "lower_loss": float(np.mean(lower_losses)) if lower_losses else None,
-            "lower_losses": lower_losses,
-            "upper_loss": float(np.mean(upper_losses)) if upper_losses else None,
-            "upper_losses": upper_losses,
-            "cg_relative_residuals": residuals,
-            "lower_time_s": t1 - t0,
-            "upper_time_s": t2 - t1,
-            "lower_steps_per_s": cfg.lower_iters / max(t1 - t0, 1e-12),
-            "upper_steps_per_s": cfg.upper_iters / max(t2 - t1, 1e-12),
-            "hvp_per_s": cfg.upper_iters * cfg.cg_iters / max(t2 - t1, 1e-12),
-            "lower_batch_size": samples,
-        }
+        entry = StageLog(
+            stage=self.stage,
+            lower_loss=statistics.fmean(lower_losses) if lower_losses else None,
+            lower_losses=lower_losses,
+            upper_loss=statistics.fmean(upper_losses) if upper_losses else None,
+            upper_losses=upper_losses,
+            cg_relative_residuals=residuals,
+            lower_time_s=t1 - t0,
+            upper_time_s=t2 - t1,
+            lower_steps_per_s=cfg.lower_iters / max(t1 - t0, 1e-12),
+            upper_steps_per_s=cfg.upper_iters / max(t2 - t1, 1e-12),
+            hvp_per_s=cfg.upper_iters * cfg.cg_iters / max(t2 - t1, 1e-12),
+            lower_batch_size=samples,
+        )
         self.stage += 1
         self.log.append(entry)
         return entry
 
-    def fit(self, stages: int) -> list[dict[str, Any]]:
-        """Run ``stages`` BiSSL stages (with a tqdm bar on rank 0 if ``config.progress``); returns their logs."""
+    def fit(self, stages: int) -> list[StageLog]:
+        """Run ``stages`` BiSSL stages (progress on rank 0 as ``config.progress`` asks); returns their logs."""
         check_int_at_least("stages", stages, 0)
-        show = self.config.progress and _rank() == 0
-        if show:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=stages * (self.config.lower_iters + self.config.upper_iters), desc="BiSSL", unit="step")
+        if _rank() == 0:
+            total = stages * (self.config.lower_iters + self.config.upper_iters)
+            self._bar = progress_bar(total, "BiSSL", self.config.progress)
         try:
             return [self.train_stage() for _ in range(stages)]
         finally:
@@ -607,8 +495,8 @@ class BiSSLTrainer:
             "counters": {"stage": self.stage, "lower_step": self.lower_step, "upper_step": self.upper_step},
             "lower_stream": self.lower_stream.state_dict(),
             "upper_stream": self.upper_stream.state_dict(),
-            "rng": _rng_state(),
-            "log": copy.deepcopy(self.log),
+            "rng": rng_state(),
+            "log": [entry.as_dict() for entry in self.log],
         }
         return copy.deepcopy(state)
 
@@ -634,8 +522,8 @@ class BiSSLTrainer:
         self.lower_stream.load_state_dict(state["lower_stream"])
         self.upper_stream.load_state_dict(state["upper_stream"])
         # Last: replaying a loader pass above draws from the global generator.
-        _set_rng_state(state["rng"])
-        self.log = copy.deepcopy(state["log"])
+        set_rng_state(state["rng"])
+        self.log = [StageLog(**copy.deepcopy(entry)) for entry in state["log"]]
 
 
-__all__ = ["BiSSLConfig", "BiSSLTrainer"]
+__all__ = ["BiSSLConfig", "BiSSLTrainer", "StageLog"]

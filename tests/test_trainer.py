@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 from bissl_fast import reference
 from bissl_fast.data import BatchAugment, TensorLoader, load_digits
 from bissl_fast.models import DownstreamModel, PretextModel, SmallResNet
-from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer
+from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer, StageLog
 from helpers import rel_err
 
 
@@ -115,7 +116,7 @@ def test_upper_step_formula(digits):
     xu, yu = x[100:116], y[100:116]
 
     def pretext_loss():
-        z = lower.head(lower.backbone(torch.cat(views)))
+        z = torch.cat([lower.head(lower.backbone(v)) for v in views])  # one forward per view
         return reference.nt_xent(z, temperature=0.5)
 
     p_params = tuple(lower.backbone.parameters())
@@ -135,17 +136,25 @@ def test_upper_step_formula(digits):
     assert len(log["cg_relative_residuals"]) == 1 and 0 < log["cg_relative_residuals"][0] < float("inf")
 
 
-def test_lower_step_formula_and_clipping(digits):
-    """One lower step with SGD(lr=1): theta_P -= grad L_P + lam (theta_P - theta_D); clipping caps the step norm."""
+@pytest.mark.parametrize("concat_views", [False, True])
+def test_lower_step_formula_and_clipping(digits, concat_views):
+    """One lower step with SGD(lr=1): theta_P -= grad L_P + lam (theta_P - theta_D); clipping caps the step norm.
+
+    ``L_P`` runs one forward per view, or one on the concatenated views with ``concat_views``.
+    """
     x = digits.x.double()
     loader = TensorLoader(x[:32], None, batch_size=16, shuffle=False)
     trainer = _trainer(
         digits, "simclr", sgd=True, dtype=torch.float64, lower_iters=1, upper_iters=0, lam=0.5, clip_norm=1e9,
-        lower_loader=loader, lower_transform=_deterministic_views,
+        lower_loader=loader, lower_transform=_deterministic_views, concat_views=concat_views,
     )
     lower = copy.deepcopy(trainer.lower_model)
     theta_d = [p.detach() for p in trainer.upper_model.backbone.parameters()]
-    z = lower.head(lower.backbone(torch.cat(_deterministic_views(x[:16]))))
+    views = _deterministic_views(x[:16])
+    if concat_views:
+        z = lower.head(lower.backbone(torch.cat(views)))
+    else:
+        z = torch.cat([lower.head(lower.backbone(v)) for v in views])
     grads = torch.autograd.grad(reference.nt_xent(z, temperature=0.5), tuple(lower.parameters()))
     expected = [p.detach() - g for p, g in zip(lower.parameters(), grads)]
     for i, p in enumerate(lower.backbone.parameters()):  # the backbone comes first in lower.parameters()
@@ -210,8 +219,9 @@ def test_byol_target_only_updated_after_lower_steps(digits, solver):
     lower_before = copy.deepcopy(trainer.lower_model.state_dict())
     upper_before = _params(trainer)
     trainer.train_stage()
-    # Upper stage only: one target forward for the fixed lower batch, nothing inside the products.
-    assert len(calls) == 1
+    # Upper stage only: the target runs for the fixed lower batch (one forward per view), nothing
+    # inside the products.
+    assert len(calls) == 2
     for key, value in trainer.target_model.state_dict().items():
         assert torch.equal(value, target_before[key]), key
     for key, value in trainer.lower_model.state_dict().items():
@@ -272,3 +282,34 @@ def test_errors(digits):
                         torch.optim.SGD(byol_upper.parameters(), lr=0.1), BiSSLConfig(pretext="byol"))
     with pytest.raises(ValueError, match="pretext"):
         byol.load_state_dict(state)
+
+
+def test_progress_without_tqdm(digits, monkeypatch, capsys):
+    """Core install: an explicit progress=True prints plain lines and one note; progress=None stays silent."""
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)
+    _trainer(digits, "simclr", progress=True).fit(1)
+    err = capsys.readouterr().err
+    assert err.count("tqdm is not installed") == 1 and "bissl_fast[demo]" in err
+    assert "BiSSL: 4/4" in err
+    _trainer(digits, "simclr", progress=None).fit(1)
+    assert capsys.readouterr().err == ""
+    assert BiSSLConfig().progress is None  # the default never asks for a bar explicitly
+
+
+def test_stage_log_and_weights_only_checkpoint(digits):
+    x = digits.x[:64]
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x), batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(3)
+    )
+    trainer = _trainer(digits, "byol", lower_loader=loader)
+    entry = trainer.fit(1)[0]
+    assert isinstance(entry, StageLog) and entry["upper_losses"] == entry.upper_losses and len(entry.upper_losses) == 2
+    assert dict(entry.items()) == entry.as_dict()
+    buf = io.BytesIO()
+    torch.save(trainer.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)
+    resumed = _trainer(digits, "byol", lower_loader=loader)
+    resumed.load_state_dict(state)
+    assert resumed.log == trainer.log and resumed.stage == 1
