@@ -10,6 +10,7 @@ from helpers import mlp_hvp, rel_err
 
 from bissl_fast import BackendUnavailableError, NTXentFunction, NTXentLoss, backends, nt_xent, reference
 from bissl_fast._memory import peak_memory_bytes
+from bissl_fast.kernels import nt_xent_torch
 from bissl_fast.ops import nt_xent as ntx
 
 # (N, D, views): N and D are not multiples of any block size; N = 2*3 is a single view pair per row.
@@ -19,7 +20,7 @@ SHAPES = [(6, 3, 2), (74, 100, 2), (150, 130, 3)]
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Row blocks of a few rows, so every shape runs the multi-block loops (and a ragged last block)."""
-    monkeypatch.setattr(ntx, "_CHUNK_ELEMENTS", 400)
+    monkeypatch.setattr(nt_xent_torch, "_CHUNK_ELEMENTS", 400)
 
 
 def _grad_and_hvp(loss_fn, z: torch.Tensor, g: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:

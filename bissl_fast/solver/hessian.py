@@ -46,7 +46,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .._validation import check_tensor_tuple
-from ._dist import bucketed_mean, is_distributed
+from .._dist import bucketed_mean, is_distributed
 
 if TYPE_CHECKING:  # typing.Self is Python >= 3.11; the package supports 3.10
     from typing_extensions import Self

@@ -12,7 +12,7 @@ from .._validation import (
     check_positive,
     check_tensor_tuple,
 )
-from ._dist import bucketed_mean, is_distributed
+from .._dist import bucketed_mean, is_distributed
 from .cg import CGInfo, cg_solve
 from .hessian import HessianOperator
 
