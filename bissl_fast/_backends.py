@@ -5,14 +5,36 @@ Nothing here runs at import time: availability is probed on first use and cached
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
-from typing import Sequence
+from collections.abc import Mapping
 
 import torch
 
+#: ``torch``: plain PyTorch (every device); ``cpp``: the extension's CPU kernels; ``cuda``: the
+#: extension's CUDA kernels; ``triton``: Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpBackends:
+    """The backends one op implements, and the order ``backend="auto"`` tries them per device type."""
+
+    supported: tuple[str, ...]
+    auto_order: Mapping[str, tuple[str, ...]]
+
+
+#: One row per op. ``auto_order`` lists the fastest first, as measured in ``benchmarks/``; a device
+#: type that is not listed gets ``torch``.
+OP_BACKENDS: Mapping[str, OpBackends] = {
+    "nt_xent": OpBackends(("torch", "triton"), {"cuda": ("triton", "torch"), "cpu": ("torch",)}),
+    # The CUDA order awaits a GPU measurement in benchmarks/bench_byol.py.
+    "byol": OpBackends(("torch", "cpp", "cuda", "triton"), {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}),
+    # cpp: one C++ call instead of ~6T small torch ops per CG iteration (benchmarks/bench_solver.py).
+    "cg": OpBackends(("torch", "cpp", "cuda"), {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")}),
+}
 
 _BUILD_FIX = (
     "build it with `pip install --no-build-isolation -e .` from the repository root "
@@ -79,27 +101,34 @@ def backend_reasons() -> dict[str, str]:
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
-    if name in ("torch", "cpp"):
+    if name == "torch":
         return True
+    if name == "cpp":
+        return device.type == "cpu"
     if name == "cuda":
         return device.type == "cuda"
     return device.type == "cuda" or (device.type == "cpu" and triton_interpret_mode())
 
 
-def resolve_backend(
-    requested: str, device: torch.device, supported: Sequence[str], auto_order: dict[str, Sequence[str]]
-) -> str:
-    """Pick the backend that runs an op on tensors of ``device``.
+_RUN_HINTS = {
+    "triton": " (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)",
+    "cpp": " (it is the CPU kernel; the extension's CUDA kernels are backend='cuda')",
+}
 
-    ``supported`` lists the backends the op implements; ``auto_order`` maps a device type to the
-    backends ``"auto"`` tries in order (fastest first, as measured in ``benchmarks/``). An explicit
-    request that cannot run raises :class:`BackendUnavailableError`; there is no silent fallback.
+
+def resolve_backend(requested: str, device: torch.device, op: str) -> str:
+    """Pick the backend that runs ``op`` (a key of :data:`OP_BACKENDS`) on tensors of ``device``.
+
+    ``"auto"`` takes the first backend of the op's order for ``device.type`` that is available and
+    runs there, else ``"torch"``. An explicit request that cannot run raises
+    :class:`BackendUnavailableError`; there is no silent fallback.
     """
     if requested != "auto" and requested not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
+    supported = OP_BACKENDS[op].supported
     if requested == "auto":
-        for name in auto_order.get(device.type, ("torch",)):
-            if name in supported and backends()[name] and _runs_on(name, device):
+        for name in OP_BACKENDS[op].auto_order.get(device.type, ("torch",)):
+            if backends()[name] and _runs_on(name, device):
                 return name
         return "torch"
     if requested not in supported:
@@ -109,13 +138,8 @@ def resolve_backend(
     if not backends()[requested]:
         raise BackendUnavailableError(f"backend {requested!r} is unavailable: {backend_reasons()[requested]}")
     if not _runs_on(requested, device):
-        hint = (
-            " (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)"
-            if requested == "triton"
-            else ""
-        )
         raise BackendUnavailableError(
-            f"backend {requested!r} cannot run on {device.type} tensors{hint}"
+            f"backend {requested!r} cannot run on {device.type} tensors{_RUN_HINTS.get(requested, '')}"
         )
     return requested
 

@@ -12,7 +12,13 @@ import pytest
 import torch
 
 import bissl_fast
-from bissl_fast._backends import BackendUnavailableError, resolve_backend, triton_interpret_mode
+from bissl_fast._backends import (
+    BACKEND_NAMES,
+    OP_BACKENDS,
+    BackendUnavailableError,
+    resolve_backend,
+    triton_interpret_mode,
+)
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -50,23 +56,43 @@ def test_backends_reports_every_backend_with_reasons():
 
 def test_resolve_backend_auto_and_explicit():
     cpu = torch.device("cpu")
-    order = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
     expected_auto = "cpp" if bissl_fast.backends()["cpp"] else "torch"
-    assert resolve_backend("auto", cpu, ("torch", "cpp"), order) == expected_auto
-    assert resolve_backend("torch", cpu, ("torch", "cpp"), order) == "torch"
+    assert resolve_backend("auto", cpu, "byol") == expected_auto
+    assert resolve_backend("auto", cpu, "cg") == expected_auto
+    assert resolve_backend("auto", cpu, "nt_xent") == "torch"
+    assert resolve_backend("torch", cpu, "byol") == "torch"
     with pytest.raises(BackendUnavailableError, match="no 'triton' backend"):
-        resolve_backend("triton", cpu, ("torch",), order)
+        resolve_backend("triton", cpu, "cg")
+    with pytest.raises(BackendUnavailableError, match="no 'cpp' backend"):
+        resolve_backend("cpp", cpu, "nt_xent")
     with pytest.raises(BackendUnavailableError, match="cuda"):
-        resolve_backend("cuda", cpu, ("torch", "cuda"), order)
+        resolve_backend("cuda", cpu, "cg")
     with pytest.raises(ValueError, match="backend must be"):
-        resolve_backend("fast", cpu, ("torch",), order)
+        resolve_backend("fast", cpu, "byol")
+
+
+def test_backend_table_is_consistent():
+    """Every op's "auto" order only names backends the op supports, and every op has the torch path."""
+    for op, table in OP_BACKENDS.items():
+        assert "torch" in table.supported, op
+        assert set(table.supported) <= set(BACKEND_NAMES), op
+        for device_type, order in table.auto_order.items():
+            assert set(order) <= set(table.supported), (op, device_type)
+
+
+def test_cpp_backend_is_cpu_only():
+    if not bissl_fast.backends()["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    for op in ("byol", "cg"):  # no GPU is needed: the device type alone rules it out
+        with pytest.raises(BackendUnavailableError, match="cannot run on cuda tensors.*backend='cuda'"):
+            resolve_backend("cpp", torch.device("cuda"), op)
 
 
 def test_triton_on_cpu_needs_the_interpreter():
     if triton_interpret_mode() or importlib.util.find_spec("triton") is None or torch.cuda.is_available():
         pytest.skip("only meaningful for CPU tensors, with triton installed and no interpreter")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
-        resolve_backend("triton", torch.device("cpu"), ("torch", "triton"), {})
+        resolve_backend("triton", torch.device("cpu"), "nt_xent")
 
 
 def test_poisoning_reaches_the_compiled_ops():

@@ -189,7 +189,7 @@ def test_third_derivative_raises():
 def _op_samples(device: str, dtype=torch.float64):
     p, t, wp, wt = _inputs(5, 9, dtype, device)
     g = torch.randn(5, dtype=dtype, device=device)
-    ops = byol_mod.cpp_ops()
+    ops = byol_mod.extension_ops()
     return ops, [
         (ops.fwd, (p, t)),
         (ops.fwd, (p.clone().requires_grad_(), t.clone().requires_grad_())),
@@ -283,7 +283,7 @@ def test_bad_backend():
 
 @needs_cpp
 def test_op_level_checks():
-    ops = byol_mod.cpp_ops()
+    ops = byol_mod.extension_ops()
     p = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="same shape"):
         ops.fwd(p, p[:, :3])
@@ -326,7 +326,7 @@ def test_triton_kernels_compile_for_sm90(dtype):
     from bissl_fast.kernels import byol_triton
 
     t = f"*{dtype}"
-    common = {"ACC": tl.float32, "EPS": byol_triton.NORM_EPS, "BLOCK_B": 4, "BLOCK_D": 256}
+    common = {"ACC": tl.float32, "EPS": byol_triton.NORMALIZE_EPS, "BLOCK_B": 4, "BLOCK_D": 256}
     launches = [
         (byol_triton._byol_fwd_kernel, {"P": t, "T": t, "OUT": t}, common),
         (byol_triton._byol_bwd_kernel, {"G": t, "P": t, "T": t, "DP": t, "DT": t}, {**common, "T_GRAD": True}),

@@ -58,7 +58,7 @@ def test_matches_cpp_row_ops():
     gen = torch.Generator().manual_seed(3)
     p, t, wp, wt = (torch.randn(6, 45, generator=gen, dtype=torch.float64) for _ in range(4))
     g = torch.randn(6, generator=gen, dtype=torch.float64)
-    cpp, tri = byol_mod.cpp_ops(), byol_mod.TRITON_OPS
+    cpp, tri = byol_mod.extension_ops(), byol_mod.TRITON_OPS
     assert rel_err(tri.fwd(p, t), cpp.fwd(p, t)) < 1e-14
     for t_grad in (False, True):
         a, b = tri.bwd(g, p, t, t_grad), cpp.bwd(g, p, t, t_grad)

@@ -102,7 +102,7 @@ def test_inputs_untouched_and_noncontiguous_inputs_accepted(backend):
 @pytest.mark.skipif(not backends()["cpp"], reason="needs the C++ extension")
 def test_fused_ops_pass_opcheck():
     """Schemas (declared mutations), fake implementations and dispatcher registration."""
-    from bissl_fast.solver._multi_tensor import FusedOps
+    from bissl_fast.solver.cg_vector_ops import FusedOps
 
     FusedOps("cpp")  # loads the extension and registers the fake implementations
     ops = torch.ops.bissl_fast

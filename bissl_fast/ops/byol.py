@@ -31,12 +31,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from .._backends import BackendUnavailableError, extension, resolve_backend
+from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor, check_same_device, check_same_shape
 from ._transforms import for_transforms
-
-SUPPORTED_BACKENDS = ("torch", "cpp", "cuda", "triton")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 
 
 @dataclass(frozen=True)
@@ -116,15 +113,16 @@ def _register_autograd(name: str, ops: _RowOps) -> None:
 # ---------------------------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_cpp_ops: _RowOps | None = None
+_extension_ops: _RowOps | None = None
 
 
-def cpp_ops() -> _RowOps:
-    """The extension's ``torch.ops.bissl_fast.byol_{fwd,bwd,hvp}``, with fake and autograd kernels registered."""
-    global _cpp_ops
-    if _cpp_ops is None:
+def extension_ops() -> _RowOps:
+    """The extension's ``torch.ops.bissl_fast.byol_{fwd,bwd,hvp}`` (CPU kernels for ``"cpp"``, CUDA
+    kernels for ``"cuda"``, dispatched by device), with fake and autograd kernels registered."""
+    global _extension_ops
+    if _extension_ops is None:
         with _lock:
-            if _cpp_ops is None:
+            if _extension_ops is None:
                 extension()
                 ns = torch.ops.bissl_fast
                 torch.library.register_fake("bissl_fast::byol_fwd", _fake_fwd)
@@ -132,8 +130,8 @@ def cpp_ops() -> _RowOps:
                 torch.library.register_fake("bissl_fast::byol_hvp", _fake_hvp)
                 ops = _RowOps(ns.byol_fwd.default, ns.byol_bwd.default, ns.byol_hvp.default)
                 _register_autograd("byol", ops)
-                _cpp_ops = ops
-    return _cpp_ops
+                _extension_ops = ops
+    return _extension_ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,13 +195,9 @@ def _resolve(backend: str, device: torch.device) -> str:
     Evaluated once at trace time under ``torch.compile`` (it probes the environment, which dynamo
     must not trace).
     """
-    name = resolve_backend(backend, device, SUPPORTED_BACKENDS, AUTO_ORDER)
-    if name == "cpp" and device.type != "cpu":
-        raise BackendUnavailableError(
-            f"backend 'cpp' is the CPU kernel; for {device.type} tensors use backend='cuda' or 'triton'"
-        )
+    name = resolve_backend(backend, device, "byol")
     if name in ("cpp", "cuda"):
-        cpp_ops()
+        extension_ops()
     return name
 
 
@@ -211,7 +205,7 @@ def _row_ops(name: str) -> _RowOps:
     if name == "triton":
         return TRITON_OPS
     # _resolve registered them already on the public paths; BYOLLossFunction.apply may come first.
-    return _cpp_ops if _cpp_ops is not None else cpp_ops()
+    return _extension_ops if _extension_ops is not None else extension_ops()
 
 
 class BYOLLossFunction(torch.autograd.Function):
@@ -364,8 +358,8 @@ class BYOLLoss(nn.Module):
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
-        if backend != "auto" and backend not in SUPPORTED_BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {SUPPORTED_BACKENDS}, got {backend!r}")
+        if backend != "auto" and backend not in OP_BACKENDS["byol"].supported:
+            raise ValueError(f"backend must be 'auto' or one of {OP_BACKENDS['byol'].supported}, got {backend!r}")
         self.backend = backend
 
     def forward(self, p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
@@ -375,4 +369,4 @@ class BYOLLoss(nn.Module):
         return f"backend={self.backend!r}"
 
 
-__all__ = ["SUPPORTED_BACKENDS", "BYOLLoss", "BYOLLossFunction", "byol_loss", "cpp_ops", "normalized_regression"]
+__all__ = ["BYOLLoss", "BYOLLossFunction", "byol_loss", "extension_ops", "normalized_regression"]

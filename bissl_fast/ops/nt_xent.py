@@ -44,8 +44,6 @@ from ._transforms import for_transforms
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
 
-_SUPPORTED = ("torch", "triton")
-_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 _PRECISIONS = ("ieee", "tf32")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -258,7 +256,7 @@ def _check_precision(precision: object) -> str:
 @torch.compiler.assume_constant_result
 def _resolve_for(backend: str, device_type: str, dtype: torch.dtype) -> str:
     # A constant under torch.compile: it probes triton/the extension once, outside the traced graph.
-    name = resolve_backend(backend, torch.device(device_type), _SUPPORTED, _AUTO_ORDER)
+    name = resolve_backend(backend, torch.device(device_type), "nt_xent")
     if name == "triton" and dtype not in _TRITON_DTYPES:
         if backend == "auto":
             return "torch"

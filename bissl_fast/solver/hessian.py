@@ -45,13 +45,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._types import Tensors
 from .._validation import check_tensor_tuple
 from .._dist import bucketed_mean, is_distributed
 
 if TYPE_CHECKING:  # typing.Self is Python >= 3.11; the package supports 3.10
     from typing_extensions import Self
 
-Tensors = tuple[torch.Tensor, ...]
 
 MODES = ("auto", "rev-rev", "fwd-rev")
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .._types import Tensors
 from .._validation import (
     check_int_at_least,
     check_nonnegative,
@@ -15,8 +16,6 @@ from .._validation import (
 from .._dist import bucketed_mean, is_distributed
 from .cg import CGInfo, cg_solve
 from .hessian import HessianOperator
-
-Tensors = tuple[torch.Tensor, ...]
 
 
 class ImplicitGradient:
