@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .. import reference
 from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor, check_same_device, check_same_shape
-from ._transforms import for_transforms
+from ._transforms import for_transforms, transforms_active
 
 
 @dataclass(frozen=True)
@@ -218,20 +218,23 @@ class BYOLLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
+    def forward(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
         ops = _row_ops(backend)
-        ctx.backend = backend
-        ctx.save_for_backward(p1, p2, t1, t2)
         return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, ctx.backend = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         p1, p2, t1, t2 = ctx.saved_tensors
-        ops = _row_ops(ctx.backend)
         g = _row_weights(grad, p1)
         need_t1, need_t2 = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dp1, dt2 = ops.bwd(g, p1, t2, need_t2)
-        dp2, dt1 = ops.bwd(g, p2, t1, need_t1)
+        dp1, dt2 = _row_backward(g, p1, t2, need_t2, ctx.backend)
+        dp2, dt1 = _row_backward(g, p2, t1, need_t1, ctx.backend)
         return dp1, dp2, (dt1 if need_t1 else None), (dt2 if need_t2 else None), None
 
 
@@ -270,29 +273,16 @@ class _RowBackwardForwardAD(torch.autograd.Function):
         return hp, ht
 
 
-class _BYOLLossForwardAD(torch.autograd.Function):
-    """:class:`BYOLLossFunction` with forward-mode rules, used under ``torch.func`` transforms
+def _row_backward(g: Tensor, p: Tensor, t: Tensor, t_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """``byol_bwd``: the registered op, or under ``torch.func`` transforms its forward-mode twin."""
+    if transforms_active():
+        return _RowBackwardForwardAD.apply(g, p, t, t_grad, backend)
+    return _row_ops(backend).bwd(g, p, t, t_grad)
+
+
+class _BYOLLossForwardAD(BYOLLossFunction):
+    """:class:`BYOLLossFunction` with a forward-mode rule, used under ``torch.func`` transforms
     (see :func:`~bissl_fast.ops._transforms.for_transforms`)."""
-
-    @staticmethod
-    def forward(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
-        ops = _row_ops(backend)
-        return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        *tensors, ctx.backend = inputs
-        ctx.save_for_backward(*tensors)
-        ctx.save_for_forward(*tensors)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        p1, p2, t1, t2 = ctx.saved_tensors
-        g = _row_weights(grad, p1)
-        need_t1, need_t2 = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dp1, dt2 = _RowBackwardForwardAD.apply(g, p1, t2, need_t2, ctx.backend)
-        dp2, dt1 = _RowBackwardForwardAD.apply(g, p2, t1, need_t1, ctx.backend)
-        return dp1, dp2, (dt1 if need_t1 else None), (dt2 if need_t2 else None), None
 
     @staticmethod
     def jvp(ctx, wp1, wp2, wt1, wt2, _):
