@@ -1,4 +1,4 @@
-"""Fused BYOL loss (bissl_fast.byol) against bissl_fast.reference.byol_loss: loss, gradient and
+"""Fused BYOL loss (bissl_fast.byol_loss) against bissl_fast.reference.byol_loss: loss, gradient and
 double gradient on the C++ CPU kernel (always), the CUDA kernel (marked ``cuda``) and plain torch.
 The Triton kernels run the same checks from test_byol_triton.py."""
 from __future__ import annotations
