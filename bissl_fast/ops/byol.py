@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from .. import reference
 from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor, check_same_device, check_same_shape
+from ._registration import assume_constant_result, define_op
 from ._transforms import for_transforms, transforms_active
 
 
@@ -145,17 +146,17 @@ def _triton_kernels():
     return byol_triton
 
 
-@torch.library.custom_op("bissl_fast::byol_triton_fwd", mutates_args=())
+@define_op("bissl_fast::byol_triton_fwd", fake=_fake_fwd, autograd_from_caller=True)
 def _triton_fwd(p: Tensor, t: Tensor) -> Tensor:
     return _triton_kernels().fwd(p.contiguous(), t.contiguous())
 
 
-@torch.library.custom_op("bissl_fast::byol_triton_bwd", mutates_args=())
+@define_op("bissl_fast::byol_triton_bwd", fake=_fake_bwd, autograd_from_caller=True)
 def _triton_bwd(grad: Tensor, p: Tensor, t: Tensor, t_grad: bool) -> tuple[Tensor, Tensor]:
     return _triton_kernels().bwd(grad.contiguous(), p.contiguous(), t.contiguous(), t_grad)
 
 
-@torch.library.custom_op("bissl_fast::byol_triton_hvp", mutates_args=())
+@define_op("bissl_fast::byol_triton_hvp", fake=_fake_hvp, autograd_from_caller=True)
 def _triton_hvp(
     grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Tensor | None, t_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,9 +166,6 @@ def _triton_hvp(
     )
 
 
-_triton_fwd.register_fake(_fake_fwd)
-_triton_bwd.register_fake(_fake_bwd)
-_triton_hvp.register_fake(_fake_hvp)
 TRITON_OPS = _RowOps(_triton_fwd, _triton_bwd, _triton_hvp)
 _register_autograd("byol_triton", TRITON_OPS)
 
@@ -188,7 +186,7 @@ def _check_pairs(**tensors: Tensor) -> torch.device:
     return device
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _resolve(backend: str, device: torch.device) -> str:
     """The backend name for ``device``; registers the C++ ops' fake/autograd kernels on first use.
 

@@ -40,6 +40,7 @@ from .._validation import (
 from ..kernels import nt_xent_torch
 from ..kernels.nt_xent_torch import accumulation_dtype
 from ..reference import NORMALIZE_EPS
+from ._registration import assume_constant_result, define_op
 from ._transforms import for_transforms
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
@@ -62,18 +63,21 @@ def _kernels(backend: str):
     return nt_xent_torch
 
 
-@torch.library.custom_op("bissl_fast::nt_xent_lse", mutates_args=())
+def _lse_fake(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
+    return u.new_empty(u.shape[0], dtype=accumulation_dtype(u.dtype))
+
+
+@define_op("bissl_fast::nt_xent_lse", fake=_lse_fake)
 def _lse_op(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
     """``lse [N]`` (fp32, fp64 for fp64 ``u``) of the diagonal-masked logits ``u u^T * inv_tau``."""
     return _kernels(backend).lse_forward(u, inv_tau, precision)
 
 
-@_lse_op.register_fake
-def _(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
-    return u.new_empty(u.shape[0], dtype=accumulation_dtype(u.dtype))
+def _lse_backward_fake(u, lse, c, inv_tau, backend, precision):
+    return torch.empty_like(u)
 
 
-@torch.library.custom_op("bissl_fast::nt_xent_lse_backward", mutates_args=())
+@define_op("bissl_fast::nt_xent_lse_backward", fake=_lse_backward_fake)
 def _lse_backward_op(
     u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: float, backend: str, precision: str
 ) -> torch.Tensor:
@@ -81,22 +85,16 @@ def _lse_backward_op(
     return _kernels(backend).lse_backward(u, lse, c, inv_tau, precision)
 
 
-@_lse_backward_op.register_fake
-def _(u, lse, c, inv_tau, backend, precision):
-    return torch.empty_like(u)
+def _lse_double_backward_fake(u, lse, c, w, inv_tau, backend, precision):
+    return torch.empty_like(u), u.new_empty(u.shape[0], dtype=accumulation_dtype(u.dtype))
 
 
-@torch.library.custom_op("bissl_fast::nt_xent_lse_double_backward", mutates_args=())
+@define_op("bissl_fast::nt_xent_lse_double_backward", fake=_lse_double_backward_fake)
 def _lse_double_backward_op(
     u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float, backend: str, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For cotangent ``w`` of the backward's output: ``(d<w, dU>/du [N, D], r [N])``; ``d<w, dU>/dc = r * inv_tau``."""
     return _kernels(backend).lse_double_backward(u, lse, c, w, inv_tau, precision)
-
-
-@_lse_double_backward_op.register_fake
-def _(u, lse, c, w, inv_tau, backend, precision):
-    return torch.empty_like(u), u.new_empty(u.shape[0], dtype=accumulation_dtype(u.dtype))
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,7 +251,7 @@ def _check_precision(precision: object) -> str:
     return precision  # type: ignore[return-value]
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _resolve_for(backend: str, device_type: str, dtype: torch.dtype) -> str:
     # A constant under torch.compile: it probes triton/the extension once, outside the traced graph.
     name = resolve_backend(backend, torch.device(device_type), "nt_xent")
