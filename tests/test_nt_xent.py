@@ -17,15 +17,29 @@ from bissl_fast.ops import nt_xent as ntx
 SHAPES = [(6, 3, 2), (74, 100, 2), (150, 130, 3)]
 
 
-@pytest.fixture
-def small_chunks(monkeypatch):
-    """Row blocks of a few rows, so every shape runs the multi-block loops (and a ragged last block)."""
-    monkeypatch.setattr(nt_xent_torch, "_CHUNK_ELEMENTS", 400)
+@pytest.fixture(params=["single_block", "row_blocks"])
+def blocks(request, monkeypatch):
+    """Both layouts of the chunked path: the whole logits matrix as one block (the default at these
+    sizes), and row blocks of a few rows, so every shape runs the multi-block loops (and a ragged
+    last block)."""
+    if request.param == "row_blocks":
+        monkeypatch.setattr(nt_xent_torch, "_CHUNK_ELEMENTS", 400)
+        monkeypatch.setattr(nt_xent_torch, "_SINGLE_BLOCK_BYTES", 0)
+    layouts = []
+    choose = nt_xent_torch._single_block
+
+    def recorded(u):
+        layouts.append("single_block" if choose(u) else "row_blocks")
+        return layouts[-1] == "single_block"
+
+    monkeypatch.setattr(nt_xent_torch, "_single_block", recorded)
+    yield request.param
+    assert layouts and set(layouts) == {request.param}, layouts
 
 
 @pytest.mark.parametrize("n,d,views", SHAPES)
 @pytest.mark.parametrize("tau", [0.05, 0.3, 1.0])
-def test_fp32_matches_fp64_reference(small_chunks, n, d, views, tau):
+def test_fp32_matches_fp64_reference(blocks, n, d, views, tau):
     z = torch.randn(n, d)
     g, v = torch.tensor(1.7), torch.randn(n, d)
     out = loss_grad_hvp(lambda x: nt_xent(x, temperature=tau, views=views, backend="torch"), z, g, v)
@@ -40,7 +54,7 @@ def test_fp32_matches_fp64_reference(small_chunks, n, d, views, tau):
 
 
 @pytest.mark.parametrize("n,d,views", SHAPES)
-def test_hvp_through_model_matches_reference(small_chunks, n, d, views):
+def test_hvp_through_model_matches_reference(blocks, n, d, views):
     """HVP w.r.t. the parameters of a model feeding the loss, with an extra loss term beside it."""
     x = torch.randn(n, 5)
     out = mlp_hvp(lambda e: nt_xent(e, temperature=0.2, views=views, backend="torch"), x, d)
@@ -49,7 +63,7 @@ def test_hvp_through_model_matches_reference(small_chunks, n, d, views):
 
 
 @pytest.mark.parametrize("views", [2, 3])
-def test_gradcheck_and_gradgradcheck_fp64(small_chunks, views):
+def test_gradcheck_and_gradgradcheck_fp64(blocks, views):
     z = torch.randn(3 * views, 5, dtype=torch.float64, requires_grad=True)
 
     def f(x):
@@ -71,7 +85,7 @@ def test_lse_function_half_input_on_torch_path():
     assert grad.dtype == torch.float16
 
 
-def test_lse_function_gradgradcheck_with_weighted_rows(small_chunks):
+def test_lse_function_gradgradcheck_with_weighted_rows(blocks):
     """Non-uniform upstream grads of ``lse`` (not only the loss's 1/N) and their own derivative."""
     u = F.normalize(torch.randn(7, 4, dtype=torch.float64), dim=1).requires_grad_()
 

@@ -7,9 +7,14 @@ The same three entry points, with the same signatures, as :mod:`bissl_fast.kerne
 * ``lse_backward(u, lse, c, inv_tau, precision) -> (1/tau) (C P + P^T C) U``;
 * ``lse_double_backward(u, lse, c, w, inv_tau, precision) -> (grad_u, r)``.
 
-They stream over row blocks of the ``N x N`` logits (``[rows, N]`` at a time, never the whole
-matrix), compute in fp32 (fp64 for fp64 ``u``; 16-bit rows are widened) and return ``lse`` and
-``r`` in that dtype and ``grad_u`` in ``u.dtype``. ``precision`` is accepted for the common
+Up to ``_SINGLE_BLOCK_BYTES`` of logits (``N <= 2048`` in fp32) the whole ``N x N`` matrix is
+one block: by the symmetry of the logits, the transposed probabilities ``P^T`` and the cross
+term ``Q = A + A^T`` (``A = W U^T``) are transposed views, so the backward needs one
+exponential pass and the double backward 4 GEMMs (instead of 8 over two passes). Larger ``N``
+streams over row blocks of ``[rows, N]`` (about ``_CHUNK_ELEMENTS`` entries each, never the whole
+matrix), so memory stays O(N*D) beyond a fixed few MiB. Both compute in fp32 (fp64 for fp64
+``u``; 16-bit rows are widened) and return ``lse`` and ``r`` in that dtype and ``grad_u`` in
+``u.dtype``. ``precision`` is accepted for the common
 signature and ignored: the matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
 """
 from __future__ import annotations
@@ -24,10 +29,20 @@ from .._alloc import empty_output, empty_output_like
 #: far below one ``N x N`` matrix at the batch sizes where memory matters.
 _CHUNK_ELEMENTS = 1 << 20
 
+#: Largest ``N x N`` logits buffer handled as one block (16 MiB: N = 2048 in fp32). The single-block
+#: kernels hold about five such buffers at once, the price of skipping the recomputations and
+#: extra passes that row blocks need; beyond it memory matters more than those passes.
+_SINGLE_BLOCK_BYTES = 16 << 20
+
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype these kernels compute in (and return ``lse``/``r`` in) for rows of ``dtype``."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _single_block(u: torch.Tensor) -> bool:
+    n = u.shape[0]
+    return n * n * u.element_size() <= _SINGLE_BLOCK_BYTES
 
 
 def _row_blocks(n: int) -> Iterator[tuple[int, int]]:
@@ -65,6 +80,21 @@ def _weighted_probabilities(
     return s.sub_(lse[i0:i1, None]).exp_().mul_(c[i0:i1, None]), p_col
 
 
+def _weighted_row_probabilities(
+    s: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, shift: torch.Tensor | None
+) -> torch.Tensor:
+    """``c_i P_ij`` of the full logits ``s`` (overwritten)."""
+    if shift is not None:
+        return s.sub_(shift[:, None]).exp_()
+    return s.sub_(lse[:, None]).exp_().mul_(c[:, None])
+
+
+def _plus_transpose(m: torch.Tensor) -> torch.Tensor:
+    """``m + m^T`` for a square matrix, as a new tensor. A contiguous copy of the transpose first:
+    an elementwise op reading one operand transposed runs several times slower than both copies."""
+    return m.T.contiguous().add_(m)
+
+
 def _cross(u: torch.Tensor, w: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
     """Rows ``i0:i1`` of ``Q = W U^T + U W^T``."""
     return torch.addmm(torch.mm(w[i0:i1], u.T), u[i0:i1], w.T)
@@ -75,7 +105,7 @@ def lse_forward(u: torch.Tensor, inv_tau: float, precision: str) -> torch.Tensor
     u = u.to(accumulation_dtype(u.dtype))
     n = u.shape[0]
     lse = empty_output(n, dtype=u.dtype, device=u.device)
-    for i0, i1 in _row_blocks(n):
+    for i0, i1 in ((0, n),) if _single_block(u) else _row_blocks(n):
         lse[i0:i1] = torch.logsumexp(_masked_logits(u, i0, i1, inv_tau), dim=1)
     return lse
 
@@ -87,6 +117,10 @@ def lse_backward(u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: f
     n = u.shape[0]
     out = empty_output_like(u)
     shift = _row_shift(lse, c)
+    if _single_block(u):
+        weighted = _weighted_row_probabilities(_masked_logits(u, 0, n, inv_tau), lse, c, shift)
+        torch.mm(_plus_transpose(weighted), u, out=out)  # C P + P^T C = C P + (C P)^T
+        return out.mul_(inv_tau).to(out_dtype)
     for i0, i1 in _row_blocks(n):
         p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), lse, c, shift, i0, i1)
         out[i0:i1] = torch.mm(p_row.add_(p_col), u).mul_(inv_tau)
@@ -104,6 +138,9 @@ def lse_double_backward(
     u, w = u.to(lse.dtype), w.to(lse.dtype)
     n = u.shape[0]
     r = empty_output(n, dtype=u.dtype, device=u.device)
+    if _single_block(u):
+        grad_u = _single_block_double_backward(u, lse, c, w, inv_tau, r)
+        return grad_u.to(out_dtype), r
     for i0, i1 in _row_blocks(n):  # pass 1: r_i = sum_j P_ij Q_ij
         p = _masked_logits(u, i0, i1, inv_tau).sub_(lse[i0:i1, None]).exp_()
         r[i0:i1] = (p.mul_(_cross(u, w, i0, i1))).sum(dim=1)
@@ -117,3 +154,16 @@ def lse_double_backward(
         grad = torch.mm(p_row.add_(p_col), w).mul_(inv_tau)
         out[i0:i1] = grad.add_(torch.mm(e, u), alpha=inv_tau * inv_tau)
     return out.to(out_dtype), r
+
+
+def _single_block_double_backward(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float, r: torch.Tensor
+) -> torch.Tensor:
+    """The double backward on the whole logits matrix; writes ``r`` and returns ``grad_u``."""
+    p = _masked_logits(u, 0, len(u), inv_tau).sub_(lse[:, None]).exp_()
+    q = _plus_transpose(torch.mm(w, u.T))  # Q = W U^T + U W^T
+    torch.sum(p * q, dim=1, out=r)
+    weighted = p.mul_(c[:, None])  # C P
+    e = q.sub_(r[:, None]).mul_(weighted)  # E_ij = c_i P_ij (Q_ij - r_i)
+    out = torch.mm(_plus_transpose(weighted), w).mul_(inv_tau)
+    return out.add_(torch.mm(_plus_transpose(e), u), alpha=inv_tau * inv_tau)
