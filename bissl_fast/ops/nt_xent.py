@@ -9,10 +9,12 @@ number of times. The masked log-sum-exp term ``lse_i = log sum_{j != i} exp(u_i 
 the part that would need the ``N x N`` logits; it is computed by :class:`NTXentFunction`, whose
 forward, backward and double backward all stream over row blocks of the logits (Triton kernels on
 GPU, ``kernels/nt_xent_triton.py``; chunked PyTorch on CPU, ``kernels/nt_xent_torch.py``; the two
-modules share entry-point names and signatures) and never hold an ``N x N`` buffer. The backward of
-:class:`NTXentFunction` is itself an autograd Function, so ``torch.autograd.grad(...,
-create_graph=True)`` followed by a second ``grad`` (a Hessian-vector product) is exact; third
-derivatives raise an error instead of returning a silently wrong value.
+modules share entry-point names and signatures). The Triton kernels never hold an ``N x N``
+buffer; the torch path treats logits of up to 16 MiB (``N <= 2048`` in fp32) as one block, which
+skips recomputations, and streams over row blocks beyond that, so memory is O(N*D) plus at most a
+few such blocks. The backward of :class:`NTXentFunction` is itself an autograd Function, so
+``torch.autograd.grad(..., create_graph=True)`` followed by a second ``grad`` (a Hessian-vector
+product) is exact; third derivatives raise an error instead of returning a silently wrong value.
 
 Normalization ``u = z / max(||z||, 1e-12)`` is done with ``F.normalize`` around the kernels, so its
 chain rule (first and second order) comes from autograd.
@@ -190,7 +192,8 @@ class NTXentFunction(torch.autograd.Function):
       :func:`nt_xent`); ``precision``: ``"ieee"`` or ``"tf32"`` (fp32 dots on the Triton path).
 
     Returns ``lse`` of shape ``[N]`` in fp32 (fp64 for fp64 ``u``). Its gradient is differentiable
-    once more (``create_graph=True`` then a second ``grad``); memory stays O(N*D) throughout.
+    once more (``create_graph=True`` then a second ``grad``); memory stays O(N*D) plus a few
+    bounded logits blocks throughout.
     """
 
     @staticmethod
@@ -307,7 +310,8 @@ def nt_xent(
         views: ``m >= 2`` views per sample.
         backend: ``"auto"`` (CUDA -> ``"triton"`` if available, else ``"torch"``; CPU -> ``"torch"``),
             ``"triton"`` (tiled kernels; CPU tensors only under ``TRITON_INTERPRET=1``) or
-            ``"torch"`` (chunked PyTorch over row blocks of the logits; fp64 supported). An explicit
+            ``"torch"`` (PyTorch over row blocks of the logits, one block up to ``N = 2048`` in
+            fp32; fp64 supported). An explicit
             backend that cannot run raises :class:`~bissl_fast.BackendUnavailableError`.
         gather: all-gather ``z`` over ``torch.distributed`` ranks first (no-op without an
             initialized process group or with one rank). Every rank must pass the same shape. The
