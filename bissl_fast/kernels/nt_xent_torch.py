@@ -9,13 +9,13 @@ The same three entry points, with the same signatures, as :mod:`bissl_fast.kerne
 
 Up to ``_SINGLE_BLOCK_BYTES`` of logits (``N <= 2048`` in fp32) the whole ``N x N`` matrix is
 one block: by the symmetry of the logits, the transposed probabilities ``P^T`` and the cross
-term ``Q = A + A^T`` (``A = W U^T``) are transposed views, so the backward needs one
-exponential pass and the double backward 4 GEMMs (instead of 8 over two passes). Larger ``N``
-streams over row blocks of ``[rows, N]`` (about ``_CHUNK_ELEMENTS`` entries each, never the whole
-matrix), so memory stays O(N*D) beyond a fixed few MiB. Both compute in fp32 (fp64 for fp64
-``u``; 16-bit rows are widened) and return ``lse`` and ``r`` in that dtype and ``grad_u`` in
-``u.dtype``. ``precision`` is accepted for the common
-signature and ignored: the matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
+term ``Q = A + A^T`` (``A = W U^T``) are transposes of what is already there, so the backward
+needs one exponential pass and the double backward 4 GEMMs (instead of 8 over two passes).
+Larger ``N`` streams over row blocks of ``[rows, N]`` (about ``_CHUNK_ELEMENTS`` entries each,
+never the whole matrix), so memory stays O(N*D) beyond a fixed few MiB. Both compute in fp32
+(fp64 for fp64 ``u``; 16-bit rows are widened) and return ``lse`` and ``r`` in that dtype and
+``grad_u`` in ``u.dtype``. ``precision`` is accepted for the common signature and ignored: the
+matmuls follow ``torch.backends.cuda.matmul.allow_tf32``.
 """
 from __future__ import annotations
 
