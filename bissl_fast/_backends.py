@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import os
 from collections.abc import Mapping
 
@@ -52,42 +53,48 @@ def triton_interpret_mode() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe() -> dict[str, tuple[bool, str]]:
-    status: dict[str, tuple[bool, str]] = {"torch": (True, "")}
-    try:
-        ext = importlib.import_module("bissl_fast._C")
-        status["cpp"] = (True, "")
+def _status(name: str) -> tuple[bool, str]:
+    """``(available, why not)`` of one backend, probed on first use: resolving an op's backend
+    loads only what its candidates need (triton alone adds ~50 MB to a process)."""
+    if name == "torch":
+        return True, ""
+    if name == "cpp":
+        try:
+            importlib.import_module("bissl_fast._C")
+        except ImportError as exc:
+            return False, f"the C++ extension bissl_fast._C is not importable ({exc}); {_BUILD_FIX}"
         from ._alloc import sync_extension
 
         sync_extension()
-    except ImportError as exc:
-        ext = None
-        status["cpp"] = (False, f"the C++ extension bissl_fast._C is not importable ({exc}); {_BUILD_FIX}")
-    try:
-        importlib.import_module("triton")
-        if torch.cuda.is_available() or triton_interpret_mode():
-            status["triton"] = (True, "")
-        else:
-            status["triton"] = (
-                False,
+        return True, ""
+    if name == "triton":
+        if not (torch.cuda.is_available() or triton_interpret_mode()):
+            if importlib.util.find_spec("triton") is None:
+                return False, "triton is not installed; `pip install triton`"
+            return False, (
                 "triton is installed but there is no CUDA GPU; set TRITON_INTERPRET=1 before "
-                "importing triton to run the kernels on CPU tensors (slow, for testing)",
+                "importing triton to run the kernels on CPU tensors (slow, for testing)"
             )
-    except ImportError as exc:
-        status["triton"] = (False, f"triton is not importable ({exc}); `pip install triton`")
-    if ext is None:
-        status["cuda"] = (False, status["cpp"][1])
-    elif not ext.cuda_compiled():
-        status["cuda"] = (
-            False,
+        try:
+            importlib.import_module("triton")
+        except ImportError as exc:
+            return False, f"triton is not importable ({exc}); `pip install triton`"
+        return True, ""
+    cpp_ok, cpp_why = _status("cpp")
+    if not cpp_ok:
+        return False, cpp_why
+    if not importlib.import_module("bissl_fast._C").cuda_compiled():
+        return False, (
             "bissl_fast._C was built without CUDA sources; rebuild on a machine with a CUDA build "
-            "of torch and nvcc (or FORCE_CUDA=1): `pip install --no-build-isolation -e .`",
+            "of torch and nvcc (or FORCE_CUDA=1): `pip install --no-build-isolation -e .`"
         )
-    elif not torch.cuda.is_available():
-        status["cuda"] = (False, "no CUDA device is visible to torch")
-    else:
-        status["cuda"] = (True, "")
-    return status
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible to torch"
+    return True, ""
+
+
+def _probe() -> dict[str, tuple[bool, str]]:
+    return {name: _status(name) for name in BACKEND_NAMES}
 
 
 def backends() -> dict[str, bool]:
@@ -128,15 +135,16 @@ def resolve_backend(requested: str, device: torch.device, op: str) -> str:
     supported = OP_BACKENDS[op].supported
     if requested == "auto":
         for name in OP_BACKENDS[op].auto_order.get(device.type, ("torch",)):
-            if backends()[name] and _runs_on(name, device):
+            if _runs_on(name, device) and _status(name)[0]:
                 return name
         return "torch"
     if requested not in supported:
         raise BackendUnavailableError(
             f"this op has no {requested!r} backend; it supports {tuple(supported)}"
         )
-    if not backends()[requested]:
-        raise BackendUnavailableError(f"backend {requested!r} is unavailable: {backend_reasons()[requested]}")
+    available, why_not = _status(requested)
+    if not available:
+        raise BackendUnavailableError(f"backend {requested!r} is unavailable: {why_not}")
     if not _runs_on(requested, device):
         raise BackendUnavailableError(
             f"backend {requested!r} cannot run on {device.type} tensors{_RUN_HINTS.get(requested, '')}"
@@ -146,6 +154,7 @@ def resolve_backend(requested: str, device: torch.device, op: str) -> str:
 
 def extension():
     """The compiled ``bissl_fast._C`` module (its ops live under ``torch.ops.bissl_fast``)."""
-    if not backends()["cpp"]:
-        raise BackendUnavailableError(backend_reasons()["cpp"])
+    available, why_not = _status("cpp")
+    if not available:
+        raise BackendUnavailableError(why_not)
     return importlib.import_module("bissl_fast._C")
