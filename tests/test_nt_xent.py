@@ -359,3 +359,12 @@ def test_opcheck_custom_ops(dtype):
     """Schema, fake (meta) implementation, and dispatch of the three ops as torch.library sees them."""
     for op, args in nt_xent_op_samples("torch", dtype):
         torch.library.opcheck(op, args)
+
+
+def test_custom_ops_are_not_differentiable_on_their_own():
+    """As with torch.library.custom_op, backpropagating through a raw op raises (the autograd
+    Functions around the ops carry the derivatives)."""
+    u = F.normalize(torch.randn(6, 4), dim=1).requires_grad_()
+    lse = torch.ops.bissl_fast.nt_xent_lse(u, 2.0, "torch", "ieee")
+    with pytest.raises(RuntimeError, match="has no autograd formula of its own"):
+        lse.sum().backward()

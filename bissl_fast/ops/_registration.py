@@ -55,7 +55,9 @@ def define_op(
     namespace, name = qualname.split("::")
 
     def register(kernel: Callable) -> torch._ops.OpOverload:
-        lib = _LIBRARIES.setdefault(namespace, torch.library.Library(namespace, "FRAGMENT"))
+        if namespace not in _LIBRARIES:
+            _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
+        lib = _LIBRARIES[namespace]
         lib.define(name + torch.library.infer_schema(kernel, mutates_args=()))
         lib.impl(name, kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(qualname, fake, lib=lib)
