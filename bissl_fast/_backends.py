@@ -5,14 +5,37 @@ Nothing here runs at import time: availability is probed on first use and cached
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
+import importlib.util
 import os
-from typing import Sequence
+from collections.abc import Mapping
 
 import torch
 
+#: ``torch``: plain PyTorch (every device); ``cpp``: the extension's CPU kernels; ``cuda``: the
+#: extension's CUDA kernels; ``triton``: Triton kernels (CUDA, or CPU under TRITON_INTERPRET=1).
 BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpBackends:
+    """The backends one op implements, and the order ``backend="auto"`` tries them per device type."""
+
+    supported: tuple[str, ...]
+    auto_order: Mapping[str, tuple[str, ...]]
+
+
+#: One row per op. ``auto_order`` lists the fastest first, as measured in ``benchmarks/``; a device
+#: type that is not listed gets ``torch``.
+OP_BACKENDS: Mapping[str, OpBackends] = {
+    "nt_xent": OpBackends(("torch", "triton"), {"cuda": ("triton", "torch"), "cpu": ("torch",)}),
+    # The CUDA order awaits a GPU measurement in benchmarks/bench_byol.py.
+    "byol": OpBackends(("torch", "cpp", "cuda", "triton"), {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}),
+    # cpp: one C++ call instead of ~6T small torch ops per CG iteration (benchmarks/bench_solver.py).
+    "cg": OpBackends(("torch", "cpp", "cuda"), {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")}),
+}
 
 _BUILD_FIX = (
     "build it with `pip install --no-build-isolation -e .` from the repository root "
@@ -30,42 +53,48 @@ def triton_interpret_mode() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _probe() -> dict[str, tuple[bool, str]]:
-    status: dict[str, tuple[bool, str]] = {"torch": (True, "")}
-    try:
-        ext = importlib.import_module("bissl_fast._C")
-        status["cpp"] = (True, "")
+def _status(name: str) -> tuple[bool, str]:
+    """``(available, why not)`` of one backend, probed on first use: resolving an op's backend
+    loads only what its candidates need (triton alone adds ~50 MB to a process)."""
+    if name == "torch":
+        return True, ""
+    if name == "cpp":
+        try:
+            importlib.import_module("bissl_fast._C")
+        except ImportError as exc:
+            return False, f"the C++ extension bissl_fast._C is not importable ({exc}); {_BUILD_FIX}"
         from ._alloc import sync_extension
 
         sync_extension()
-    except ImportError as exc:
-        ext = None
-        status["cpp"] = (False, f"the C++ extension bissl_fast._C is not importable ({exc}); {_BUILD_FIX}")
-    try:
-        importlib.import_module("triton")
-        if torch.cuda.is_available() or triton_interpret_mode():
-            status["triton"] = (True, "")
-        else:
-            status["triton"] = (
-                False,
+        return True, ""
+    if name == "triton":
+        if not (torch.cuda.is_available() or triton_interpret_mode()):
+            if importlib.util.find_spec("triton") is None:
+                return False, "triton is not installed; `pip install triton`"
+            return False, (
                 "triton is installed but there is no CUDA GPU; set TRITON_INTERPRET=1 before "
-                "importing triton to run the kernels on CPU tensors (slow, for testing)",
+                "importing triton to run the kernels on CPU tensors (slow, for testing)"
             )
-    except ImportError as exc:
-        status["triton"] = (False, f"triton is not importable ({exc}); `pip install triton`")
-    if ext is None:
-        status["cuda"] = (False, status["cpp"][1])
-    elif not ext.cuda_compiled():
-        status["cuda"] = (
-            False,
+        try:
+            importlib.import_module("triton")
+        except ImportError as exc:
+            return False, f"triton is not importable ({exc}); `pip install triton`"
+        return True, ""
+    cpp_ok, cpp_why = _status("cpp")
+    if not cpp_ok:
+        return False, cpp_why
+    if not importlib.import_module("bissl_fast._C").cuda_compiled():
+        return False, (
             "bissl_fast._C was built without CUDA sources; rebuild on a machine with a CUDA build "
-            "of torch and nvcc (or FORCE_CUDA=1): `pip install --no-build-isolation -e .`",
+            "of torch and nvcc (or FORCE_CUDA=1): `pip install --no-build-isolation -e .`"
         )
-    elif not torch.cuda.is_available():
-        status["cuda"] = (False, "no CUDA device is visible to torch")
-    else:
-        status["cuda"] = (True, "")
-    return status
+    if not torch.cuda.is_available():
+        return False, "no CUDA device is visible to torch"
+    return True, ""
+
+
+def _probe() -> dict[str, tuple[bool, str]]:
+    return {name: _status(name) for name in BACKEND_NAMES}
 
 
 def backends() -> dict[str, bool]:
@@ -79,49 +108,53 @@ def backend_reasons() -> dict[str, str]:
 
 
 def _runs_on(name: str, device: torch.device) -> bool:
-    if name in ("torch", "cpp"):
+    if name == "torch":
         return True
+    if name == "cpp":
+        return device.type == "cpu"
     if name == "cuda":
         return device.type == "cuda"
     return device.type == "cuda" or (device.type == "cpu" and triton_interpret_mode())
 
 
-def resolve_backend(
-    requested: str, device: torch.device, supported: Sequence[str], auto_order: dict[str, Sequence[str]]
-) -> str:
-    """Pick the backend that runs an op on tensors of ``device``.
+_RUN_HINTS = {
+    "triton": " (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)",
+    "cpp": " (it is the CPU kernel; the extension's CUDA kernels are backend='cuda')",
+}
 
-    ``supported`` lists the backends the op implements; ``auto_order`` maps a device type to the
-    backends ``"auto"`` tries in order (fastest first, as measured in ``benchmarks/``). An explicit
-    request that cannot run raises :class:`BackendUnavailableError`; there is no silent fallback.
+
+def resolve_backend(requested: str, device: torch.device, op: str) -> str:
+    """Pick the backend that runs ``op`` (a key of :data:`OP_BACKENDS`) on tensors of ``device``.
+
+    ``"auto"`` takes the first backend of the op's order for ``device.type`` that is available and
+    runs there, else ``"torch"``. An explicit request that cannot run raises
+    :class:`BackendUnavailableError`; there is no silent fallback.
     """
     if requested != "auto" and requested not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
+    supported = OP_BACKENDS[op].supported
     if requested == "auto":
-        for name in auto_order.get(device.type, ("torch",)):
-            if name in supported and backends()[name] and _runs_on(name, device):
+        for name in OP_BACKENDS[op].auto_order.get(device.type, ("torch",)):
+            if _runs_on(name, device) and _status(name)[0]:
                 return name
         return "torch"
     if requested not in supported:
         raise BackendUnavailableError(
             f"this op has no {requested!r} backend; it supports {tuple(supported)}"
         )
-    if not backends()[requested]:
-        raise BackendUnavailableError(f"backend {requested!r} is unavailable: {backend_reasons()[requested]}")
+    available, why_not = _status(requested)
+    if not available:
+        raise BackendUnavailableError(f"backend {requested!r} is unavailable: {why_not}")
     if not _runs_on(requested, device):
-        hint = (
-            " (set TRITON_INTERPRET=1 before importing triton to run it on CPU tensors)"
-            if requested == "triton"
-            else ""
-        )
         raise BackendUnavailableError(
-            f"backend {requested!r} cannot run on {device.type} tensors{hint}"
+            f"backend {requested!r} cannot run on {device.type} tensors{_RUN_HINTS.get(requested, '')}"
         )
     return requested
 
 
 def extension():
     """The compiled ``bissl_fast._C`` module (its ops live under ``torch.ops.bissl_fast``)."""
-    if not backends()["cpp"]:
-        raise BackendUnavailableError(backend_reasons()["cpp"])
+    available, why_not = _status("cpp")
+    if not available:
+        raise BackendUnavailableError(why_not)
     return importlib.import_module("bissl_fast._C")

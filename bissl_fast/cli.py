@@ -1,35 +1,88 @@
-"""Console entry point ``bissl-fast``: ``bench`` (benchmark report) and ``demo`` (the BiSSL pipeline)."""
+"""Console entry point ``bissl-fast``: ``bench`` (benchmark report), ``demo`` (the honest BiSSL experiment) and ``run`` (the paper's pipeline).
+
+Every error ends the command with one line on stderr and exit code 2; ``bissl-fast --debug ...``
+shows the full traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
+_PROG = "bissl-fast"
+_USAGE_ERROR = 2
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="bissl-fast", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+
+class _UsageError(Exception):
+    """A command line that argparse rejected."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of argparse's usage block
+        raise _UsageError(f"{message} (see {self.prog} --help)")
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from .bench_report import DEFAULT_SUITE_DIR, run_bench
+
+    return run_bench(args.out, args.suite_dir or DEFAULT_SUITE_DIR, args.select, args.device, args.max_time)
+
+
+def _parser() -> _Parser:
+    parser = _Parser(prog=_PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = sub.add_parser("bench", help="run the benchmark suites for this device and write a report")
     bench.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (JSON, Markdown, PNG)")
     bench.add_argument("--suite-dir", type=Path, default=None, help="folder holding bench_*.py (default: the checkout's benchmarks/)")
     bench.add_argument("--select", default=None, help="only suites whose file stem contains this string")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark (pytest-benchmark max_time)")
-    sub.add_parser("demo", help="pretext pretraining -> BiSSL -> fine-tuning on a real dataset", add_help=False)
-    sub.add_parser("run", help="the paper's pipeline: checkpoint -> head warm-up -> BiSSL -> fine-tuning", add_help=False)
-    if argv[:1] == ["demo"]:
-        from .demo import main as demo_main
+    bench.set_defaults(run=_bench)
+    # Commands that parse their own arguments: "module:function" called with the rest of the line.
+    sub.add_parser("demo", help="pretext pretraining -> BiSSL -> fine-tuning on a real dataset", add_help=False).set_defaults(entry="bissl_fast.demo:main")
+    sub.add_parser("run", help="the paper's pipeline: checkpoint -> head warm-up -> BiSSL -> fine-tuning", add_help=False).set_defaults(entry="bissl_fast.pipeline:main")
+    return parser
 
-        return demo_main(argv[1:]) or 0
-    if argv[:1] == ["run"]:
-        from .pipeline import main as run_main
 
-        return run_main(argv[1:])
-    args = parser.parse_args(argv)
-    from .bench_report import DEFAULT_SUITE_DIR, run_bench
+def _run(args: argparse.Namespace, rest: list[str]) -> int:
+    entry = getattr(args, "entry", None)
+    if entry is None:
+        if rest:
+            raise _UsageError(f"unrecognized arguments: {' '.join(rest)} (see {_PROG} {args.command} --help)")
+        return int(args.run(args, rest) or 0)
+    module, function = entry.split(":")
+    return int(getattr(importlib.import_module(module), function)(rest) or 0)
 
-    return run_bench(args.out, args.suite_dir or DEFAULT_SUITE_DIR, args.select, args.device, args.max_time)
+
+def _one_line(exc: BaseException) -> str:
+    message = " ".join(str(exc).split())
+    # These carry their meaning in the message; for others (KeyError 'x', ...) the type is the news.
+    if message and isinstance(exc, (OSError, ValueError, TypeError, RuntimeError)):
+        return message
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``bissl-fast`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = False
+    try:
+        args, rest = _parser().parse_known_args(argv)
+        debug = args.debug
+        return _run(args, rest)
+    except _UsageError as exc:
+        print(f"{_PROG}: error: {exc}", file=sys.stderr)
+        return _USAGE_ERROR
+    except KeyboardInterrupt:
+        print(f"{_PROG}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"{_PROG}: error: {_one_line(exc)} (run `{_PROG} --debug ...` for the traceback)", file=sys.stderr)
+        return _USAGE_ERROR
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""Shared test utilities: relative errors against float64 references, HVP through a tiny MLP."""
+"""Shared test utilities: relative errors against float64 references with named assertions,
+loss/gradient/HVP of a loss of one tensor, HVP through a tiny MLP, distributed runs."""
 from __future__ import annotations
 
 from typing import Callable, Sequence
 
 import torch
 
+TensorOrTensors = torch.Tensor | Sequence[torch.Tensor]
 
-def rel_err(out: torch.Tensor | Sequence[torch.Tensor], ref: torch.Tensor | Sequence[torch.Tensor]) -> float:
+#: Names of the three results of :func:`loss_grad_hvp`, for :func:`assert_close_rel` messages.
+LOSS_GRAD_HVP = ("loss", "gradient", "HVP")
+
+
+def rel_err(out: TensorOrTensors, ref: TensorOrTensors) -> float:
     """``||out - ref|| / ||ref||`` in float64 over one tensor or a tuple of tensors; NaN never passes."""
     if isinstance(out, torch.Tensor):
         out, ref = (out,), (ref,)
@@ -16,6 +22,36 @@ def rel_err(out: torch.Tensor | Sequence[torch.Tensor], ref: torch.Tensor | Sequ
     for o in out:
         assert bool(torch.isfinite(o).all()), "output contains NaN or inf"
     return (num ** 0.5) / max(den ** 0.5, 1e-300)
+
+
+def assert_close_rel(name: str, out: TensorOrTensors, ref: TensorOrTensors, tol: float) -> None:
+    """``rel_err(out, ref) < tol``; a failure names the tensor (loss, gradient, HVP, ...) and the error."""
+    if isinstance(out, torch.Tensor):
+        assert bool(torch.isfinite(out).all()), f"{name}: output contains NaN or inf"
+    else:
+        for i, o in enumerate(out):
+            assert bool(torch.isfinite(o).all()), f"{name}[{i}]: output contains NaN or inf"
+    err = rel_err(out, ref)
+    assert err < tol, f"{name}: relative error {err:.3e} is not below {tol:.1e}"
+
+
+def assert_loss_grad_hvp_close(out: Sequence[torch.Tensor], ref: Sequence[torch.Tensor], tol: float) -> None:
+    """:func:`assert_close_rel` on each of the ``(loss, gradient, HVP)`` triples of :func:`loss_grad_hvp`."""
+    assert len(out) == len(ref)
+    for name, o, r in zip(LOSS_GRAD_HVP, out, ref):
+        assert_close_rel(name, o, r, tol)
+
+
+def loss_grad_hvp(
+    loss_fn: Callable[[torch.Tensor], torch.Tensor], z: torch.Tensor, g: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss, gradient of ``g * loss`` (a non-unit upstream gradient) and Hessian-vector product
+    ``d<grad, v>/dz``, all w.r.t. ``z`` and detached."""
+    z = z.detach().requires_grad_()
+    loss = loss_fn(z)
+    (grad,) = torch.autograd.grad(loss * g, z, create_graph=True)
+    (hvp,) = torch.autograd.grad(grad, z, v)
+    return loss.detach(), grad.detach(), hvp
 
 
 def mlp_hvp(loss_of_embeddings: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:

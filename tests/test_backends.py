@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +13,13 @@ import pytest
 import torch
 
 import bissl_fast
-from bissl_fast._backends import BackendUnavailableError, resolve_backend, triton_interpret_mode
+from bissl_fast._backends import (
+    BACKEND_NAMES,
+    OP_BACKENDS,
+    BackendUnavailableError,
+    resolve_backend,
+    triton_interpret_mode,
+)
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -25,6 +32,41 @@ def test_import_probes_nothing():
         "import torch; assert not torch.cuda.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+_EAGER_THEN_COMPILE = """
+import sys
+import torch
+from bissl_fast import byol_loss, nt_xent
+from bissl_fast.solver import HessianOperator, ImplicitGradient
+
+z = torch.randn(12, 6, requires_grad=True)
+(g,) = torch.autograd.grad(nt_xent(z, temperature=0.3), z, create_graph=True)
+torch.autograd.grad(g, z, torch.randn_like(g))
+ps = [torch.randn(8, 5, requires_grad=True) for _ in range(4)]
+(gp,) = torch.autograd.grad(byol_loss(*ps), ps[0], create_graph=True)
+torch.autograd.grad(gp, ps[0], torch.randn_like(gp))
+w, x = torch.randn(6, 6, requires_grad=True), torch.randn(12, 6)
+with HessianOperator(lambda: nt_xent(x @ w, temperature=0.3), [w]) as op:
+    ImplicitGradient([w]).solve(op, [torch.randn(6, 6)])
+loaded = [m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules]
+assert not loaded, f"the eager path loaded {loaded}"
+
+# The same process can still compile the losses without graph breaks.
+for loss in (lambda t: nt_xent(t, temperature=0.3, views=3), lambda t: byol_loss(t, t * 2, t + 1, t - 1)):
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    t = torch.randn(12, 6)
+    assert torch.allclose(compiled(t), loss(t), rtol=1e-6, atol=0)
+"""
+
+
+def test_eager_losses_and_solver_do_not_load_the_compiler_stack():
+    """torch._dynamo (with sympy and inductor: ~140 MB RSS, 1-2 s) stays unloaded on the eager CPU
+    path (fused losses, their double backward, the Hessian operator and CG), and so does triton
+    (~50 MB), which cannot run there; torch.compile still traces the losses with fullgraph=True
+    afterwards."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    subprocess.run([sys.executable, "-c", _EAGER_THEN_COMPILE], check=True, timeout=300, env=env)
 
 
 def test_public_names_are_the_functions_not_their_modules():
@@ -50,23 +92,43 @@ def test_backends_reports_every_backend_with_reasons():
 
 def test_resolve_backend_auto_and_explicit():
     cpu = torch.device("cpu")
-    order = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
     expected_auto = "cpp" if bissl_fast.backends()["cpp"] else "torch"
-    assert resolve_backend("auto", cpu, ("torch", "cpp"), order) == expected_auto
-    assert resolve_backend("torch", cpu, ("torch", "cpp"), order) == "torch"
+    assert resolve_backend("auto", cpu, "byol") == expected_auto
+    assert resolve_backend("auto", cpu, "cg") == expected_auto
+    assert resolve_backend("auto", cpu, "nt_xent") == "torch"
+    assert resolve_backend("torch", cpu, "byol") == "torch"
     with pytest.raises(BackendUnavailableError, match="no 'triton' backend"):
-        resolve_backend("triton", cpu, ("torch",), order)
+        resolve_backend("triton", cpu, "cg")
+    with pytest.raises(BackendUnavailableError, match="no 'cpp' backend"):
+        resolve_backend("cpp", cpu, "nt_xent")
     with pytest.raises(BackendUnavailableError, match="cuda"):
-        resolve_backend("cuda", cpu, ("torch", "cuda"), order)
+        resolve_backend("cuda", cpu, "cg")
     with pytest.raises(ValueError, match="backend must be"):
-        resolve_backend("fast", cpu, ("torch",), order)
+        resolve_backend("fast", cpu, "byol")
+
+
+def test_backend_table_is_consistent():
+    """Every op's "auto" order only names backends the op supports, and every op has the torch path."""
+    for op, table in OP_BACKENDS.items():
+        assert "torch" in table.supported, op
+        assert set(table.supported) <= set(BACKEND_NAMES), op
+        for device_type, order in table.auto_order.items():
+            assert set(order) <= set(table.supported), (op, device_type)
+
+
+def test_cpp_backend_is_cpu_only():
+    if not bissl_fast.backends()["cpp"]:
+        pytest.skip("the C++ extension is not built")
+    for op in ("byol", "cg"):  # no GPU is needed: the device type alone rules it out
+        with pytest.raises(BackendUnavailableError, match="cannot run on cuda tensors.*backend='cuda'"):
+            resolve_backend("cpp", torch.device("cuda"), op)
 
 
 def test_triton_on_cpu_needs_the_interpreter():
     if triton_interpret_mode() or importlib.util.find_spec("triton") is None or torch.cuda.is_available():
         pytest.skip("only meaningful for CPU tensors, with triton installed and no interpreter")
     with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET=1"):
-        resolve_backend("triton", torch.device("cpu"), ("torch", "triton"), {})
+        resolve_backend("triton", torch.device("cpu"), "nt_xent")
 
 
 def test_poisoning_reaches_the_compiled_ops():

@@ -1,11 +1,11 @@
-"""Fused BYOL loss (bissl_fast.byol) against bissl_fast.reference.byol_loss: loss, gradient and
+"""Fused BYOL loss (bissl_fast.byol_loss) against bissl_fast.reference.byol_loss: loss, gradient and
 double gradient on the C++ CPU kernel (always), the CUDA kernel (marked ``cuda``) and plain torch.
 The Triton kernels run the same checks from test_byol_triton.py."""
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import mlp_hvp, rel_err
+from helpers import assert_close_rel, mlp_hvp
 
 from bissl_fast import (
     BackendUnavailableError,
@@ -50,8 +50,8 @@ def check_loss_and_grad(backend: str, device: str, b: int, d: int, dtype: torch.
     assert loss.dtype == dtype and loss.shape == ()
     grads = torch.autograd.grad(upstream * loss, [x for x in xs if x.requires_grad])
     ref_loss, ref_grads = _ref_loss_and_grads(xs, upstream, need_targets)
-    assert rel_err(loss.detach().cpu(), ref_loss) < tol
-    assert rel_err([g.cpu() for g in grads], ref_grads) < tol
+    assert_close_rel("loss", loss.detach().cpu(), ref_loss, tol)
+    assert_close_rel("gradients", [g.cpu() for g in grads], ref_grads, tol)
 
 
 def check_hvp(backend: str, device: str, dtype: torch.dtype, tol: float, targets_require_grad: bool,
@@ -69,7 +69,7 @@ def check_hvp(backend: str, device: str, dtype: torch.dtype, tol: float, targets
 
     got = mlp_hvp(lambda emb: byol_loss(*views(emb), backend=backend), x, d)
     want = mlp_hvp(lambda emb: reference.byol_loss(*views(emb)), x.double().cpu(), d)
-    assert rel_err([g.cpu() for g in got], want) < tol
+    assert_close_rel("HVP w.r.t. the MLP parameters", [g.cpu() for g in got], want, tol)
 
 
 # ------------------------------------------------------------------------------ loss and gradient
@@ -111,8 +111,8 @@ def test_zero_rows_and_mixed_regimes(backend, device):
     loss = byol_loss(*xs, backend=backend)
     grads = torch.autograd.grad(2.5 * loss, xs, create_graph=True)
     ref_loss, ref_grads = _ref_loss_and_grads(xs, 2.5, need_targets=True)
-    assert rel_err(loss.detach().cpu(), ref_loss) < 1e-12
-    assert rel_err([g.detach().cpu() for g in grads], ref_grads) < 1e-12
+    assert_close_rel("loss", loss.detach().cpu(), ref_loss, 1e-12)
+    assert_close_rel("gradients", [g.detach().cpu() for g in grads], ref_grads, 1e-12)
     vec = [torch.randn_like(x) for x in xs]
     hv = [h.cpu() for h in torch.autograd.grad(grads, xs, vec)]
     xd = [x.detach().cpu().requires_grad_() for x in xs]
@@ -123,7 +123,7 @@ def test_zero_rows_and_mixed_regimes(backend, device):
     finite = torch.stack([torch.isfinite(r).all(dim=1) for r in ref_hv]).all(dim=0)
     assert finite.sum() == 4 and not finite[0] and not finite[1]
     assert all(bool(torch.isfinite(h).all()) for h in hv)
-    assert rel_err([h[finite] for h in hv], [r[finite] for r in ref_hv]) < 1e-12
+    assert_close_rel("HVP on the finite rows", [h[finite] for h in hv], [r[finite] for r in ref_hv], 1e-12)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKENDS)
@@ -133,12 +133,12 @@ def test_normalized_regression_per_row(backend, device):
     out = normalized_regression(p, t, backend=backend)
     assert out.shape == (13,) and out.dtype == torch.float32
     ref = reference.normalized_regression(p.detach().double().cpu(), t.double().cpu())
-    assert rel_err(out.detach().cpu(), ref) < FP32_TOL
+    assert_close_rel("per-row loss", out.detach().cpu(), ref, FP32_TOL)
     w = torch.linspace(-1, 2, 13, device=device)
     (g,) = torch.autograd.grad((out * w).sum(), p)
     pd = p.detach().double().cpu().requires_grad_()
     (g_ref,) = torch.autograd.grad((reference.normalized_regression(pd, t.double().cpu()) * w.double().cpu()).sum(), pd)
-    assert rel_err(g.cpu(), g_ref) < FP32_TOL
+    assert_close_rel("gradient", g.cpu(), g_ref, FP32_TOL)
 
 
 # ------------------------------------------------------------------------------ double backward
@@ -189,7 +189,7 @@ def test_third_derivative_raises():
 def _op_samples(device: str, dtype=torch.float64):
     p, t, wp, wt = _inputs(5, 9, dtype, device)
     g = torch.randn(5, dtype=dtype, device=device)
-    ops = byol_mod.cpp_ops()
+    ops = byol_mod.extension_ops()
     return ops, [
         (ops.fwd, (p, t)),
         (ops.fwd, (p.clone().requires_grad_(), t.clone().requires_grad_())),
@@ -223,7 +223,7 @@ def test_torch_compile_traces_through_ops():
         compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
         got = torch.autograd.grad(compiled(*xs), xs)
         want = torch.autograd.grad(fn(*xs), xs)
-        assert rel_err(got, want) < 1e-6
+        assert_close_rel("compiled gradients", got, want, 1e-6)
 
 
 @needs_cpp
@@ -247,9 +247,9 @@ def test_module_function_and_auto_backend():
     module = BYOLLoss()
     assert "backend='auto'" in repr(module)
     ref = reference.byol_loss(*xs)
-    assert rel_err(module(*xs), ref) < FP32_TOL
-    assert rel_err(BYOLLossFunction.apply(*xs, "cpp"), ref) < FP32_TOL
-    assert rel_err(byol_loss(*xs, backend="torch"), ref) < 1e-7
+    assert_close_rel("BYOLLoss", module(*xs), ref, FP32_TOL)
+    assert_close_rel("BYOLLossFunction", BYOLLossFunction.apply(*xs, "cpp"), ref, FP32_TOL)
+    assert_close_rel("byol_loss torch", byol_loss(*xs, backend="torch"), ref, 1e-7)
 
 
 @pytest.mark.parametrize(
@@ -283,7 +283,7 @@ def test_bad_backend():
 
 @needs_cpp
 def test_op_level_checks():
-    ops = byol_mod.cpp_ops()
+    ops = byol_mod.extension_ops()
     p = torch.randn(3, 4)
     with pytest.raises(RuntimeError, match="same shape"):
         ops.fwd(p, p[:, :3])
@@ -304,14 +304,14 @@ def check_non_contiguous_and_partial_grad(backend: str, device: str) -> None:
     xs = [base[0].t()[:20], base[1][:, 2:22], base[2][:, 4:24], base[3].t()[:20]]
     assert not xs[0].is_contiguous() and not xs[1].is_contiguous()
     ref = reference.byol_loss(*[x.cpu() for x in xs])
-    assert rel_err(byol_loss(*xs, backend=backend).cpu(), ref) < 1e-12
+    assert_close_rel("loss", byol_loss(*xs, backend=backend).cpu(), ref, 1e-12)
     for mask in [(False, False, True, False), (True, False, False, False), (False, True, False, True)]:
         leaves = [x.detach().clone().requires_grad_(m) for x, m in zip(xs, mask)]
         want_in = [x for x in leaves if x.requires_grad]
         got = torch.autograd.grad(byol_loss(*leaves, backend=backend), want_in)
         ref_leaves = [x.detach().cpu().requires_grad_(m) for x, m in zip(xs, mask)]
         want = torch.autograd.grad(reference.byol_loss(*ref_leaves), [x for x in ref_leaves if x.requires_grad])
-        assert rel_err([g.cpu() for g in got], want) < 1e-12
+        assert_close_rel(f"gradients for requires_grad={mask}", [g.cpu() for g in got], want, 1e-12)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -326,7 +326,7 @@ def test_triton_kernels_compile_for_sm90(dtype):
     from bissl_fast.kernels import byol_triton
 
     t = f"*{dtype}"
-    common = {"ACC": tl.float32, "EPS": byol_triton.NORM_EPS, "BLOCK_B": 4, "BLOCK_D": 256}
+    common = {"ACC": tl.float32, "EPS": byol_triton.NORMALIZE_EPS, "BLOCK_B": 4, "BLOCK_D": 256}
     launches = [
         (byol_triton._byol_fwd_kernel, {"P": t, "T": t, "OUT": t}, common),
         (byol_triton._byol_bwd_kernel, {"G": t, "P": t, "T": t, "DP": t, "DT": t}, {**common, "T_GRAD": True}),
@@ -364,5 +364,6 @@ def test_forward_over_reverse_matches_reference(targets_move):
 
     got = transforms(lambda *xs: byol_loss(*xs, backend="cpp"))
     expected = transforms(reference.byol_loss)
-    for g, e in zip(got, expected):
-        assert rel_err(g, e) < 1e-12
+    names = [f"fwd-rev HVP [{i}]" for i in range(len(got) - 1)] + ["directional derivative"]
+    for name, g, e in zip(names, got, expected):
+        assert_close_rel(name, g, e, 1e-12)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import assert_close_rel
 from test_byol import (
     FP32_TOL,
     LOW_PRECISION_TOL,
@@ -58,19 +58,19 @@ def test_matches_cpp_row_ops():
     gen = torch.Generator().manual_seed(3)
     p, t, wp, wt = (torch.randn(6, 45, generator=gen, dtype=torch.float64) for _ in range(4))
     g = torch.randn(6, generator=gen, dtype=torch.float64)
-    cpp, tri = byol_mod.cpp_ops(), byol_mod.TRITON_OPS
-    assert rel_err(tri.fwd(p, t), cpp.fwd(p, t)) < 1e-14
+    cpp, tri = byol_mod.extension_ops(), byol_mod.TRITON_OPS
+    assert_close_rel("fwd", tri.fwd(p, t), cpp.fwd(p, t), 1e-14)
     for t_grad in (False, True):
         a, b = tri.bwd(g, p, t, t_grad), cpp.bwd(g, p, t, t_grad)
         assert a[1].shape == b[1].shape
-        assert rel_err(a[0], b[0]) < 1e-14
+        assert_close_rel("bwd dp", a[0], b[0], 1e-14)
         if t_grad:
-            assert rel_err(a[1], b[1]) < 1e-14
+            assert_close_rel("bwd dt", a[1], b[1], 1e-14)
         for w in (None, wt):
             a, b = tri.hvp(g, p, t, wp, w, t_grad), cpp.hvp(g, p, t, wp, w, t_grad)
-            assert rel_err(a[:2], b[:2]) < 1e-14
+            assert_close_rel("hvp (dgrad, dp)", a[:2], b[:2], 1e-14)
             if t_grad:
-                assert rel_err(a[2], b[2]) < 1e-14
+                assert_close_rel("hvp dt", a[2], b[2], 1e-14)
 
 
 def test_opcheck_triton_ops():
@@ -88,11 +88,12 @@ def test_module_and_per_row():
     gen = torch.Generator().manual_seed(5)
     xs = [torch.randn(10, 24, generator=gen).to(DEVICE) for _ in range(4)]
     ref = reference.byol_loss(*[x.double().cpu() for x in xs])
-    assert rel_err(BYOLLoss(backend="triton")(*xs).cpu(), ref) < FP32_TOL
+    assert_close_rel("BYOLLoss", BYOLLoss(backend="triton")(*xs).cpu(), ref, FP32_TOL)
     rows = normalized_regression(xs[0], xs[3], backend="triton")
     assert rows.shape == (10,)
-    assert rel_err(rows.cpu(), reference.normalized_regression(xs[0].double().cpu(), xs[3].double().cpu())) < FP32_TOL
-    assert rel_err(byol_loss(*xs, backend="triton").cpu(), ref) < FP32_TOL
+    assert_close_rel("per-row loss", rows.cpu(),
+                     reference.normalized_regression(xs[0].double().cpu(), xs[3].double().cpu()), FP32_TOL)
+    assert_close_rel("byol_loss", byol_loss(*xs, backend="triton").cpu(), ref, FP32_TOL)
 
 
 def test_forward_over_reverse_matches_reference():
@@ -105,4 +106,4 @@ def test_forward_over_reverse_matches_reference():
 
     got = hvp(lambda *xs: byol_loss(*xs, backend="triton"))
     expected = hvp(lambda *xs: reference.byol_loss(*(x.double() for x in xs)))
-    assert rel_err(got, expected) < 1e-5
+    assert_close_rel("fwd-rev HVP", got, expected, 1e-5)

@@ -1,7 +1,8 @@
 """NT-Xent Triton kernels (CPU tensors under TRITON_INTERPRET=1, or a GPU) against the fp64 reference.
 
 The interpreter runs one 16 x 16 tile config, so every shape here spans several row and column
-tiles, with ragged last tiles and D not a power of two (and D > BLOCK_K = 64 for the K loop).
+tiles, with ragged last tiles and D not a power of two. Rows with D padded to at most 256 run the
+resident kernels; the K-loop kernels (padded D > 256) are covered by the ``k_loop`` tests.
 """
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import mlp_hvp, rel_err
+from helpers import assert_close_rel, assert_loss_grad_hvp_close, loss_grad_hvp, mlp_hvp, rel_err
+from test_nt_xent import nt_xent_op_samples
 
 from bissl_fast import NTXentFunction, nt_xent, reference
-from bissl_fast.ops import nt_xent as ntx
+from bissl_fast.kernels import nt_xent_torch
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -53,22 +55,48 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-def _grad_and_hvp(loss_fn, z, g, v):
-    z = z.detach().requires_grad_()
-    loss = loss_fn(z)
-    (grad,) = torch.autograd.grad(loss * g, z, create_graph=True)
-    (hvp,) = torch.autograd.grad(grad, z, v)
-    return loss.detach(), grad.detach(), hvp
+#: The two kernel families: rows of padded D <= 256 stay resident, wider rows loop over K.
+KERNEL_FAMILIES = {
+    "resident": {"_lse_fwd_resident_kernel", "_lse_bwd_resident_kernel", "_lse_bwd_bwd_r_resident_kernel",
+                 "_lse_bwd_bwd_resident_kernel"},
+    "k_loop": {"_lse_fwd_kernel", "_lse_bwd_kernel", "_lse_bwd_bwd_r_kernel", "_lse_bwd_bwd_kernel"},
+}
+#: Widths per family: D = 20 and 7 pad to 32 and 16 (resident); D = 260 pads to 512 (K loop over
+#: 5 chunks of BLOCK_K = 64, the last 4 wide; outputs in 2 chunks of BLOCK_DO = 256, the last 4 wide).
+WIDTHS = {"resident": (20, 7), "k_loop": (260, 260)}
+
+
+@pytest.fixture
+def launched_kernels(monkeypatch):
+    """Names of the Triton kernels launched during the test, proving which family the dispatch chose."""
+    kernels = importlib.import_module("bissl_fast.kernels.nt_xent_triton")
+    launched: set[str] = set()
+
+    class Recorded:
+        def __init__(self, name, kernel):
+            self.name, self.kernel = name, kernel
+
+        def __getitem__(self, grid):
+            launch = self.kernel[grid]
+
+            def run(*args, **kwargs):
+                launched.add(self.name)
+                return launch(*args, **kwargs)
+
+            return run
+
+    for name in set().union(*KERNEL_FAMILIES.values()):
+        monkeypatch.setattr(kernels, name, Recorded(name, getattr(kernels, name)))
+    return launched
 
 
 @pytest.mark.parametrize("n,d,views,tau", [(6, 3, 2, 0.5), (74, 100, 2, 0.1), (30, 130, 3, 0.05)])
 def test_fp32_matches_fp64_reference(kernel_calls, n, d, views, tau):
     z = torch.randn(n, d, device=DEVICE)
     g, v = torch.tensor(0.7, device=DEVICE), torch.randn(n, d, device=DEVICE)
-    out = _grad_and_hvp(lambda x: nt_xent(x, temperature=tau, views=views, backend="triton"), z, g, v)
-    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=tau, views=views), z.double(), g.double(), v.double())
-    for o, r in zip(out, ref):
-        assert rel_err(o, r) < 1e-5
+    out = loss_grad_hvp(lambda x: nt_xent(x, temperature=tau, views=views, backend="triton"), z, g, v)
+    ref = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=tau, views=views), z.double(), g.double(), v.double())
+    assert_loss_grad_hvp_close(out, ref, 1e-5)
     assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}
 
 
@@ -79,8 +107,8 @@ def test_forward_over_reverse_hvp(kernel_calls):
     loss_fn = lambda x: nt_xent(x, temperature=0.1, views=2, backend="triton")  # noqa: E731
     hvp = torch.func.jvp(torch.func.grad(loss_fn), (z,), (v,))[1]
     one = torch.tensor(1.0, dtype=torch.float64, device=DEVICE)
-    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.1), z.double(), one, v.double())[2]
-    assert rel_err(hvp, ref) < 1e-5
+    ref = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=0.1), z.double(), one, v.double())[2]
+    assert_close_rel("fwd-rev HVP", hvp, ref, 1e-5)
     assert kernel_calls["lse_double_backward"] >= 1
 
 
@@ -89,33 +117,47 @@ def test_single_sample(kernel_calls, d):
     """B = 1 with 3 views (each row's other two rows are both positives); D = 1 pads K to 16."""
     z = torch.randn(3, d, device=DEVICE)
     g, v = torch.tensor(1.0, device=DEVICE), torch.randn(3, d, device=DEVICE)
-    out = _grad_and_hvp(lambda x: nt_xent(x, temperature=0.3, views=3, backend="triton"), z, g, v)
-    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.3, views=3), z.double(), g.double(), v.double())
+    out = loss_grad_hvp(lambda x: nt_xent(x, temperature=0.3, views=3, backend="triton"), z, g, v)
+    ref = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=0.3, views=3), z.double(), g.double(), v.double())
     # With D = 1 the unit rows are +-1 and the derivatives are rounding noise around 0: loss only.
-    for o, r in zip(out if d > 1 else out[:1], ref):
-        assert rel_err(o, r) < 1e-5
+    if d > 1:
+        assert_loss_grad_hvp_close(out, ref, 1e-5)
+    else:
+        assert_close_rel("loss", out[0], ref[0], 1e-5)
     assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
-def test_wide_rows_use_k_loop_kernels(kernel_calls, dtype, tol):
+def test_wide_rows_use_k_loop_kernels(kernel_calls, launched_kernels, dtype, tol):
     """D = 300 pads to 512 > 256: the K-loop kernels (5 K chunks, 2 output chunks) instead of resident rows."""
     kernels = importlib.import_module("bissl_fast.kernels.nt_xent_triton")
     assert kernels._resident_block(300) is None and kernels._resident_block(256) == 256
+    assert kernels._resident_block(257) is None
     z = torch.randn(20, 300, device=DEVICE).to(dtype)
     g, v = torch.tensor(0.9, device=DEVICE), torch.randn(20, 300, device=DEVICE).to(dtype)
-    out = _grad_and_hvp(lambda x: nt_xent(x, temperature=0.2, backend="triton"), z, g.to(dtype), v)
-    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.2), z.double(), g.double(), v.double())
-    for o, r in zip(out, ref):
-        assert rel_err(o, r) < tol
+    out = loss_grad_hvp(lambda x: nt_xent(x, temperature=0.2, backend="triton"), z, g.to(dtype), v)
+    ref = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=0.2), z.double(), g.double(), v.double())
+    assert_loss_grad_hvp_close(out, ref, tol)
     assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}
+    assert launched_kernels == KERNEL_FAMILIES["k_loop"]
+
+
+@pytest.mark.parametrize("n,d,views", [(74, 100, 2), (30, 256, 3)])
+def test_rows_up_to_256_use_resident_kernels(launched_kernels, n, d, views):
+    """Padded D <= 256 (here 128 and exactly 256) runs the resident family for all four kernels."""
+    z, v = torch.randn(n, d, device=DEVICE), torch.randn(n, d, device=DEVICE)
+    g = torch.tensor(1.1, device=DEVICE)
+    out = loss_grad_hvp(lambda x: nt_xent(x, temperature=0.2, views=views, backend="triton"), z, g, v)
+    ref = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=0.2, views=views), z.double(), g.double(), v.double())
+    assert_loss_grad_hvp_close(out, ref, 1e-5)
+    assert launched_kernels == KERNEL_FAMILIES["resident"]
 
 
 def test_hvp_through_model_matches_reference(kernel_calls):
     x = torch.randn(40, 5, device=DEVICE)
     out = mlp_hvp(lambda e: nt_xent(e, temperature=0.2, views=2, backend="triton"), x, 20)
     ref = mlp_hvp(lambda e: reference.nt_xent(e, temperature=0.2, views=2), x.double(), 20)
-    assert rel_err(out, ref) < 1e-5
+    assert_close_rel("HVP w.r.t. the MLP parameters", out, ref, 1e-5)
     assert kernel_calls["lse_double_backward"] == 1
 
 
@@ -123,30 +165,44 @@ def test_hvp_through_model_matches_reference(kernel_calls):
 def test_half_precision_inputs(kernel_calls, dtype):
     z = torch.randn(38, 100, device=DEVICE).to(dtype)
     g, v = torch.tensor(1.3, device=DEVICE), torch.randn(38, 100, device=DEVICE).to(dtype)
-    out = _grad_and_hvp(lambda x: nt_xent(x, temperature=0.2, backend="triton"), z, g.to(dtype), v)
-    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.2), z.double(), g.double(), v.double())
+    out = loss_grad_hvp(lambda x: nt_xent(x, temperature=0.2, backend="triton"), z, g.to(dtype), v)
+    ref = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=0.2), z.double(), g.double(), v.double())
     assert out[0].dtype == torch.float32 and out[1].dtype == dtype and out[2].dtype == dtype
-    for o, r in zip(out, ref):
-        assert rel_err(o, r) < 1e-2
+    assert_loss_grad_hvp_close(out, ref, 1e-2)
     assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}
 
 
-def test_kernels_match_chunked_path_with_weighted_rows():
-    """Each kernel against the chunked torch formulas with non-uniform ``c`` and a random cotangent."""
+@pytest.mark.parametrize(
+    "family,dtype,tols",
+    [
+        ("resident", torch.float32, (1e-6, 1e-5)),
+        ("k_loop", torch.float32, (1e-6, 1e-5)),
+        # 16-bit rows: the probability-value products run in bf16 (see _pv_dot).
+        ("resident", torch.bfloat16, (1e-2, 1e-2)),
+        ("k_loop", torch.bfloat16, (1e-2, 1e-2)),
+    ],
+)
+def test_kernels_match_chunked_path_with_weighted_rows(launched_kernels, family, dtype, tols):
+    """Each kernel against the chunked torch formulas (fp64, on the same rounded inputs) with
+    non-uniform ``c`` (both signs) and a random cotangent, for both kernel families."""
     kernels = importlib.import_module("bissl_fast.kernels.nt_xent_triton")
-    n, d, inv_tau = 35, 20, 1 / 0.3
-    u = F.normalize(torch.randn(n, d, device=DEVICE), dim=1)
-    c, w = torch.randn(n, device=DEVICE), torch.randn(n, d, device=DEVICE)
+    n, d, inv_tau = 35, WIDTHS[family][0], 1 / 0.3
+    lse_tol, tol = tols
+    u = F.normalize(torch.randn(n, d, device=DEVICE), dim=1).to(dtype)
+    c, w = torch.randn(n, device=DEVICE), torch.randn(n, d, device=DEVICE).to(dtype)
     u64, c64, w64 = u.double(), c.double(), w.double()
-    lse64 = ntx._torch_lse(u64, inv_tau)
+    lse64 = nt_xent_torch.lse_forward(u64, inv_tau, "ieee")
     lse = kernels.lse_forward(u, inv_tau, "ieee")
-    assert rel_err(lse, lse64) < 1e-6
+    assert_close_rel("lse", lse, lse64, lse_tol)
     du = kernels.lse_backward(u, lse, c, inv_tau, "ieee")
-    assert rel_err(du, ntx._torch_lse_backward(u64, lse64, c64, inv_tau)) < 1e-5
+    assert du.dtype == dtype
+    assert_close_rel("backward", du, nt_xent_torch.lse_backward(u64, lse64, c64, inv_tau, "ieee"), tol)
     grad_u, r = kernels.lse_double_backward(u, lse, c, w, inv_tau, "ieee")
-    grad_u64, r64 = ntx._torch_lse_double_backward(u64, lse64, c64, w64, inv_tau)
-    assert rel_err(grad_u, grad_u64) < 1e-5
-    assert rel_err(r, r64) < 1e-5
+    grad_u64, r64 = nt_xent_torch.lse_double_backward(u64, lse64, c64, w64, inv_tau, "ieee")
+    assert grad_u.dtype == dtype and r.dtype == torch.float32
+    assert_close_rel("double backward grad_u", grad_u, grad_u64, tol)
+    assert_close_rel("double backward r", r, r64, tol)
+    assert launched_kernels == KERNEL_FAMILIES[family]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -160,11 +216,13 @@ def test_tiny_probability_weights_survive_16_bit_products(dtype):
     assert rel_err(out, p.double() @ v.double()) < 1e-2
 
 
-def test_lse_function_double_backward_wrt_weights(kernel_calls):
+@pytest.mark.parametrize("family", ["resident", "k_loop"])
+def test_lse_function_double_backward_wrt_weights(kernel_calls, launched_kernels, family):
     """Gradient of the backward w.r.t. the upstream ``lse`` grad (``grad_c = r / tau``) on Triton."""
-    u = F.normalize(torch.randn(18, 7, device=DEVICE), dim=1).requires_grad_()
+    d = WIDTHS[family][1]
+    u = F.normalize(torch.randn(18, d, device=DEVICE), dim=1).requires_grad_()
     c = torch.randn(18, device=DEVICE, requires_grad=True)
-    w = torch.randn(18, 7, device=DEVICE)
+    w = torch.randn(18, d, device=DEVICE)
     u64 = u.detach().double().requires_grad_()
     c64 = c.detach().double().requires_grad_()
 
@@ -174,8 +232,9 @@ def test_lse_function_double_backward_wrt_weights(kernel_calls):
 
     out = second(lambda x: NTXentFunction.apply(x, 0.4, "triton", "ieee"), u, c)
     ref = second(lambda x: NTXentFunction.apply(x, 0.4, "torch", "ieee"), u64, c64)
-    assert rel_err(out, ref) < 1e-5
+    assert_close_rel("second derivatives (u, c)", out, ref, 1e-5)
     assert kernel_calls["lse_double_backward"] == 1
+    assert launched_kernels == KERNEL_FAMILIES[family]
 
 
 def test_huge_and_tiny_norm_rows(kernel_calls):
@@ -183,10 +242,16 @@ def test_huge_and_tiny_norm_rows(kernel_calls):
     z[::3] *= 1e15
     z[1::3] *= 1e-8
     g, v = torch.tensor(0.5, device=DEVICE), torch.randn(20, 33, device=DEVICE)
-    out = _grad_and_hvp(lambda x: nt_xent(x, temperature=0.1, backend="triton"), z, g, v)
-    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.1), z.double(), g.double(), v.double())
-    for o, r in zip(out, ref):
-        assert rel_err(o, r) < 1e-5
+    out = loss_grad_hvp(lambda x: nt_xent(x, temperature=0.1, backend="triton"), z, g, v)
+    ref = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=0.1), z.double(), g.double(), v.double())
+    assert_loss_grad_hvp_close(out, ref, 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_custom_ops(dtype):
+    """The three custom ops on the Triton backend pass torch.library.opcheck (fake kernels included)."""
+    for op, args in nt_xent_op_samples("triton", dtype, DEVICE):
+        torch.library.opcheck(op, args)
 
 
 def test_triton_rejects_float64():
@@ -205,8 +270,7 @@ def test_large_batch_on_gpu(kernel_calls, dtype, precision, tol):
     n, d = 8192, 128
     z = torch.randn(n, d, device="cuda").to(dtype)
     g, v = torch.tensor(1.0, device="cuda"), torch.randn(n, d, device="cuda").to(dtype)
-    out = _grad_and_hvp(lambda x: nt_xent(x, temperature=0.1, backend="triton", precision=precision), z, g, v)
-    ref = _grad_and_hvp(lambda x: reference.nt_xent(x, temperature=0.1), z.double(), g.double(), v.double())
-    for o, r in zip(out, ref):
-        assert rel_err(o, r) < tol
+    out = loss_grad_hvp(lambda x: nt_xent(x, temperature=0.1, backend="triton", precision=precision), z, g, v)
+    ref = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=0.1), z.double(), g.double(), v.double())
+    assert_loss_grad_hvp_close(out, ref, tol)
     assert kernel_calls == {"lse_forward": 1, "lse_backward": 1, "lse_double_backward": 1}

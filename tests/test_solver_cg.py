@@ -1,22 +1,15 @@
-"""cg_solve (all vector backends) vs the paper's plain loop, warm start, tolerance, CGInfo, NaN handling;
-ImplicitGradient vs reference.implicit_grad and vs a dense solve; spectrum estimates."""
+"""cg_solve (all vector backends) vs the paper's plain loop, warm start, tolerance, CGInfo, NaN handling.
+
+ImplicitGradient is tested in test_solver_implicit.py, the spectrum estimates in test_solver_spectrum.py."""
 from __future__ import annotations
 
 import pytest
 import torch
 from helpers import rel_err
-from test_solver_hessian import make_problem, make_tiny_problem, random_like
 
 from bissl_fast import reference as R
 from bissl_fast._backends import BackendUnavailableError, backends
-from bissl_fast.solver import (
-    CGInfo,
-    HessianOperator,
-    ImplicitGradient,
-    cg_solve,
-    check_damping,
-    top_eigenvalues,
-)
+from bissl_fast.solver import CGInfo, cg_solve
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -102,7 +95,7 @@ def test_inputs_untouched_and_noncontiguous_inputs_accepted(backend):
 @pytest.mark.skipif(not backends()["cpp"], reason="needs the C++ extension")
 def test_fused_ops_pass_opcheck():
     """Schemas (declared mutations), fake implementations and dispatcher registration."""
-    from bissl_fast.solver._multi_tensor import FusedOps
+    from bissl_fast.solver.cg_vector_ops import FusedOps
 
     FusedOps("cpp")  # loads the extension and registers the fake implementations
     ops = torch.ops.bissl_fast
@@ -177,104 +170,6 @@ def test_nonfinite_products_give_finite_output_and_warning(backend):
     assert all(bool(torch.isfinite(t).all()) for t in x)
 
 
-@pytest.mark.parametrize("layerwise", [True, False])
-@pytest.mark.parametrize("kind", ["simclr", "byol"])
-def test_implicit_gradient_matches_reference(kind, layerwise):
-    prob = make_problem(kind)
-    v = random_like(prob.params)
-    ref = R.implicit_grad(prob.loss_fn, prob.params, v, layerwise=layerwise)
-    for backend in cpu_backends():
-        solver = ImplicitGradient(prob.params, layerwise=layerwise, backend=backend)
-        with HessianOperator(prob.loss_fn, prob.params) as op:
-            x = solver.solve(op, v)
-            assert op.num_products == 5
-        assert rel_err(x, ref) < 1e-10, backend
-        assert solver.last_info.iterations == 5 and solver.last_info.backend == backend
-
-
-def test_implicit_gradient_float32_matches_float64_reference():
-    # At this random init with 2 samples per view, lambda_min(H) is about -3400: with the paper's
-    # damping the system is indefinite and CG amplifies any rounding (float32 and float64 runs of
-    # the reference itself disagree). damping=5000 makes it positive definite (condition ~4), so
-    # the comparison measures the float32 path's arithmetic.
-    prob64, prob32 = make_problem("simclr"), make_problem("simclr", dtype=torch.float32)
-    v = random_like(prob64.params)
-    ref = R.implicit_grad(prob64.loss_fn, prob64.params, v, damping=5000.0)
-    for backend in cpu_backends():
-        with HessianOperator(prob32.loss_fn, prob32.params) as op:
-            assert check_damping(op, damping=5000.0, iters=10).positive_definite
-            x = ImplicitGradient(prob32.params, damping=5000.0, backend=backend).solve(op, tuple(t.float() for t in v))
-        assert rel_err(x, ref) < 1e-5, backend
-
-
-def test_per_tensor_lam():
-    prob = make_problem("simclr")
-    v = random_like(prob.params)
-    lams = [0.001 * (i + 1) for i in range(len(prob.params))]
-    scales = [1.0 / (lam + 10.0) for lam in lams]
-
-    def matvec(d):
-        return tuple(di + s * hdi for di, s, hdi in zip(d, scales, R.hvp(prob.loss_fn, prob.params, d)))
-
-    ref = R.cg_solve(matvec, v, iters=5)
-    with HessianOperator(prob.loss_fn, prob.params) as op:
-        x = ImplicitGradient(prob.params, lam=lams).solve(op, v)
-        same = ImplicitGradient(prob.params, lam=[0.001] * len(prob.params)).solve(op, v)
-        scalar = ImplicitGradient(prob.params, lam=0.001).solve(op, v)
-    assert rel_err(x, ref) < 1e-10
-    assert all(torch.equal(a, c) for a, c in zip(same, scalar))
-
-
-def _dense(prob):
-    """Dense Hessian of the tiny problem over the concatenated parameters (float64)."""
-    sizes = [p.numel() for p in prob.params]
-
-    def flat_loss(theta):
-        parts = [t.view(p.shape) for t, p in zip(theta.split(sizes), prob.params)]
-        return prob.functional_loss(*parts)
-
-    theta = torch.cat([p.detach().reshape(-1) for p in prob.params])
-    return torch.autograd.functional.hessian(flat_loss, theta)
-
-
-def test_cg_converges_to_dense_solve_on_tiny_model():
-    prob = make_tiny_problem()
-    h = _dense(prob)
-    n = h.shape[0]
-    c = 0.001 + 10.0
-    system = torch.eye(n, dtype=torch.float64) + h / c
-    assert float(torch.linalg.eigvalsh(system)[0]) > 0  # SPD: CG converges
-    v = random_like(prob.params)
-    exact = torch.linalg.solve(system, torch.cat([t.reshape(-1) for t in v]))
-    # Global CG is CG on the coupled system (layerwise CG is not, and need not converge). Its
-    # recursive residual stalls near 1e-8 relative because of the paper's 1e-12 in alpha's
-    # denominator, but the iterate keeps improving: no tol here.
-    with HessianOperator(prob.loss_fn, prob.params) as op:
-        x = ImplicitGradient(prob.params, layerwise=False, iters=2 * n).solve(op, v)
-    assert rel_err(torch.cat([t.reshape(-1) for t in x]), exact) < 1e-8
-
-
-def test_spectrum_estimates_match_dense_eigenvalues():
-    prob = make_tiny_problem()
-    eig = torch.linalg.eigvalsh(_dense(prob))
-    n = eig.shape[0]
-    with HessianOperator(prob.loss_fn, prob.params) as op:
-        lanczos = top_eigenvalues(op, k=3, iters=n)
-        power = top_eigenvalues(op, k=2, iters=300, method="power")
-        report = check_damping(op, lam=0.001, damping=10.0, iters=n)
-        tight = check_damping(op, lam=0.0, damping=0.5 * float(-eig[0]), iters=n)
-    assert torch.allclose(lanczos, eig.flip(0)[:3], rtol=1e-8, atol=1e-10)
-    by_magnitude = eig[eig.abs().argsort(descending=True)][:2]
-    assert torch.allclose(power, by_magnitude, rtol=1e-4)
-    assert report.lambda_min == pytest.approx(float(eig[0]), rel=1e-8, abs=1e-10)
-    assert report.lambda_max == pytest.approx(float(eig[-1]), rel=1e-8)
-    assert report.positive_definite == (float(eig[0]) > -10.001)
-    # damping = |lambda_min| / 2 puts the system's smallest eigenvalue at -1: indefinite.
-    assert float(eig[0]) < 0
-    assert tight.system_min == pytest.approx(-1.0, rel=1e-6)
-    assert not tight.positive_definite and tight.condition_number == float("inf")
-
-
 def test_bad_inputs_raise_clear_errors():
     matvec, b, _ = spd_system(torch.float32)
     with pytest.raises(ValueError, match="iters must be >= 1"):
@@ -298,18 +193,3 @@ def test_bad_inputs_raise_clear_errors():
     if backends()["cpp"]:
         with pytest.raises(TypeError, match="one dtype"):
             cg_solve(lambda d: d, (b[0], b[1].double()), backend="cpp")
-    prob = make_tiny_problem()
-    with pytest.raises(ValueError, match="lam must be a scalar or have one value per parameter"):
-        ImplicitGradient(prob.params, lam=[0.1, 0.2])
-    with pytest.raises(ValueError, match="damping must be a finite number >= 0"):
-        ImplicitGradient(prob.params, damping=-1.0)
-    with pytest.raises(ValueError, match="iters must be >= 1"):
-        ImplicitGradient(prob.params, iters=0)
-    other = make_problem("simclr")
-    with HessianOperator(other.loss_fn, other.params) as op:
-        with pytest.raises(ValueError, match="other shapes"):
-            ImplicitGradient(prob.params).solve(op, random_like(prob.params))
-        with pytest.raises(ValueError, match="Lanczos with iters=3"):
-            top_eigenvalues(op, k=4, iters=3)
-        with pytest.raises(ValueError, match="method"):
-            top_eigenvalues(op, method="arnoldi")

@@ -40,8 +40,9 @@ def _check(rank: int) -> None:
     from helpers import rel_err
     from test_solver_hessian import make_problem, random_like
 
+    from bissl_fast import _dist
     from bissl_fast import reference as R
-    from bissl_fast.solver import HessianOperator, ImplicitGradient, _dist
+    from bissl_fast.solver import HessianOperator, ImplicitGradient
 
     problems = [make_problem("simclr", data_seed=100 + r) for r in range(WORLD)]
     mine = problems[rank]

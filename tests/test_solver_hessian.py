@@ -124,6 +124,18 @@ def random_like(params, seed: int = 1, k: int | None = None) -> tuple[torch.Tens
 CASES = [("simclr", "reference"), ("byol", "reference"), ("simclr", "fused"), ("byol", "fused")]
 
 
+def dense_hessian(prob: Problem) -> torch.Tensor:
+    """Dense Hessian of the tiny problem over the concatenated parameters (float64)."""
+    sizes = [p.numel() for p in prob.params]
+
+    def flat_loss(theta):
+        parts = [t.view(p.shape) for t, p in zip(theta.split(sizes), prob.params)]
+        return prob.functional_loss(*parts)
+
+    theta = torch.cat([p.detach().reshape(-1) for p in prob.params])
+    return torch.autograd.functional.hessian(flat_loss, theta)
+
+
 @pytest.mark.parametrize("kind,impl", CASES)
 def test_matvec_matches_autograd_hvp_and_paper_recompute(kind, impl):
     prob = make_problem(kind, impl)

@@ -14,8 +14,7 @@ import triton
 import triton.language as tl
 
 from .._alloc import empty_output
-
-NORM_EPS = 1e-12
+from ..reference import NORMALIZE_EPS
 
 
 @triton.jit
@@ -177,7 +176,7 @@ def fwd(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     out = empty_output(b, dtype=p.dtype, device=p.device)
     block_b, block_d, warps = _config(b, d)
     _byol_fwd_kernel[(triton.cdiv(b, block_b),)](
-        p, t, out, b, d, ACC=_acc(p.dtype), EPS=NORM_EPS, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps
+        p, t, out, b, d, ACC=_acc(p.dtype), EPS=NORMALIZE_EPS, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps
     )
     return out
 
@@ -189,7 +188,7 @@ def bwd(grad: torch.Tensor, p: torch.Tensor, t: torch.Tensor, t_grad: bool) -> t
     dt = empty_output(b, d, dtype=p.dtype, device=p.device) if t_grad else empty_output(0, dtype=p.dtype, device=p.device)
     block_b, block_d, warps = _config(b, d)
     _byol_bwd_kernel[(triton.cdiv(b, block_b),)](
-        grad, p, t, dp, dt if t_grad else dp, b, d, T_GRAD=t_grad, ACC=_acc(p.dtype), EPS=NORM_EPS,
+        grad, p, t, dp, dt if t_grad else dp, b, d, T_GRAD=t_grad, ACC=_acc(p.dtype), EPS=NORMALIZE_EPS,
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
     )
     return dp, dt
@@ -206,7 +205,7 @@ def hvp(
     block_b, block_d, warps = _config(b, d)
     _byol_hvp_kernel[(triton.cdiv(b, block_b),)](
         grad, p, t, wp, wp if wt is None else wt, dg, dp, dt if t_grad else dp, b, d,
-        HAS_WT=wt is not None, T_GRAD=t_grad, ACC=_acc(p.dtype), EPS=NORM_EPS,
+        HAS_WT=wt is not None, T_GRAD=t_grad, ACC=_acc(p.dtype), EPS=NORMALIZE_EPS,
         BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
     )
     return dg, dp, dt

@@ -245,7 +245,7 @@ def _lse_bwd_bwd_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stri
 # ---- Resident-row kernels (padded D <= 256): each program loads its [BLOCK_M, D] rows once and
 # every [BLOCK_N, D] column block once per tile, which serves both the logits dot and the
 # probability-value dot. Compiled for sm_90 these kernels do not spill at D = 128 (the K-loop
-# kernels below do), so they are used whenever D fits.
+# kernels above do), so they are used whenever D fits.
 
 
 @triton.jit

@@ -11,7 +11,7 @@ is itself differentiable and Hessian-vector products through the loss are exact:
 their gradient saves a ``[B, D]`` write). Backends:
 
 - ``"cpp"``: ``torch.ops.bissl_fast.byol_*`` CPU kernels (``csrc/cpu/byol_cpu.cpp``);
-- ``"cuda"``: the same ``torch.ops`` ops, CUDA kernels (``csrc/cuda/byol_cuda.cu``);
+- ``"cuda"``: the same ``torch.ops`` ops, CUDA kernels (``csrc/cuda/byol_cuda_kernels.cu``);
 - ``"triton"``: ``torch.ops.bissl_fast.byol_*_triton`` custom ops (``bissl_fast/kernels/byol_triton.py``);
 - ``"torch"``: plain autograd composition of ``F.normalize`` (the reference math).
 
@@ -31,12 +31,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
-from .._backends import BackendUnavailableError, extension, resolve_backend
+from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor, check_same_device, check_same_shape
-from ._transforms import for_transforms
-
-SUPPORTED_BACKENDS = ("torch", "cpp", "cuda", "triton")
-AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+from ._registration import assume_constant_result, define_op
+from ._transforms import for_transforms, transforms_active
 
 
 @dataclass(frozen=True)
@@ -116,15 +114,16 @@ def _register_autograd(name: str, ops: _RowOps) -> None:
 # ---------------------------------------------------------------------------------------------
 
 _lock = threading.Lock()
-_cpp_ops: _RowOps | None = None
+_extension_ops: _RowOps | None = None
 
 
-def cpp_ops() -> _RowOps:
-    """The extension's ``torch.ops.bissl_fast.byol_{fwd,bwd,hvp}``, with fake and autograd kernels registered."""
-    global _cpp_ops
-    if _cpp_ops is None:
+def extension_ops() -> _RowOps:
+    """The extension's ``torch.ops.bissl_fast.byol_{fwd,bwd,hvp}`` (CPU kernels for ``"cpp"``, CUDA
+    kernels for ``"cuda"``, dispatched by device), with fake and autograd kernels registered."""
+    global _extension_ops
+    if _extension_ops is None:
         with _lock:
-            if _cpp_ops is None:
+            if _extension_ops is None:
                 extension()
                 ns = torch.ops.bissl_fast
                 torch.library.register_fake("bissl_fast::byol_fwd", _fake_fwd)
@@ -132,8 +131,8 @@ def cpp_ops() -> _RowOps:
                 torch.library.register_fake("bissl_fast::byol_hvp", _fake_hvp)
                 ops = _RowOps(ns.byol_fwd.default, ns.byol_bwd.default, ns.byol_hvp.default)
                 _register_autograd("byol", ops)
-                _cpp_ops = ops
-    return _cpp_ops
+                _extension_ops = ops
+    return _extension_ops
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,17 +146,17 @@ def _triton_kernels():
     return byol_triton
 
 
-@torch.library.custom_op("bissl_fast::byol_triton_fwd", mutates_args=())
+@define_op("bissl_fast::byol_triton_fwd", fake=_fake_fwd, autograd_from_caller=True)
 def _triton_fwd(p: Tensor, t: Tensor) -> Tensor:
     return _triton_kernels().fwd(p.contiguous(), t.contiguous())
 
 
-@torch.library.custom_op("bissl_fast::byol_triton_bwd", mutates_args=())
+@define_op("bissl_fast::byol_triton_bwd", fake=_fake_bwd, autograd_from_caller=True)
 def _triton_bwd(grad: Tensor, p: Tensor, t: Tensor, t_grad: bool) -> tuple[Tensor, Tensor]:
     return _triton_kernels().bwd(grad.contiguous(), p.contiguous(), t.contiguous(), t_grad)
 
 
-@torch.library.custom_op("bissl_fast::byol_triton_hvp", mutates_args=())
+@define_op("bissl_fast::byol_triton_hvp", fake=_fake_hvp, autograd_from_caller=True)
 def _triton_hvp(
     grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Tensor | None, t_grad: bool
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -167,9 +166,6 @@ def _triton_hvp(
     )
 
 
-_triton_fwd.register_fake(_fake_fwd)
-_triton_bwd.register_fake(_fake_bwd)
-_triton_hvp.register_fake(_fake_hvp)
 TRITON_OPS = _RowOps(_triton_fwd, _triton_bwd, _triton_hvp)
 _register_autograd("byol_triton", TRITON_OPS)
 
@@ -190,20 +186,16 @@ def _check_pairs(**tensors: Tensor) -> torch.device:
     return device
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _resolve(backend: str, device: torch.device) -> str:
     """The backend name for ``device``; registers the C++ ops' fake/autograd kernels on first use.
 
     Evaluated once at trace time under ``torch.compile`` (it probes the environment, which dynamo
     must not trace).
     """
-    name = resolve_backend(backend, device, SUPPORTED_BACKENDS, AUTO_ORDER)
-    if name == "cpp" and device.type != "cpu":
-        raise BackendUnavailableError(
-            f"backend 'cpp' is the CPU kernel; for {device.type} tensors use backend='cuda' or 'triton'"
-        )
+    name = resolve_backend(backend, device, "byol")
     if name in ("cpp", "cuda"):
-        cpp_ops()
+        extension_ops()
     return name
 
 
@@ -211,7 +203,7 @@ def _row_ops(name: str) -> _RowOps:
     if name == "triton":
         return TRITON_OPS
     # _resolve registered them already on the public paths; BYOLLossFunction.apply may come first.
-    return _cpp_ops if _cpp_ops is not None else cpp_ops()
+    return _extension_ops if _extension_ops is not None else extension_ops()
 
 
 class BYOLLossFunction(torch.autograd.Function):
@@ -224,20 +216,23 @@ class BYOLLossFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
+    def forward(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
         ops = _row_ops(backend)
-        ctx.backend = backend
-        ctx.save_for_backward(p1, p2, t1, t2)
         return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        *tensors, ctx.backend = inputs
+        ctx.save_for_backward(*tensors)
+        ctx.save_for_forward(*tensors)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         p1, p2, t1, t2 = ctx.saved_tensors
-        ops = _row_ops(ctx.backend)
         g = _row_weights(grad, p1)
         need_t1, need_t2 = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dp1, dt2 = ops.bwd(g, p1, t2, need_t2)
-        dp2, dt1 = ops.bwd(g, p2, t1, need_t1)
+        dp1, dt2 = _row_backward(g, p1, t2, need_t2, ctx.backend)
+        dp2, dt1 = _row_backward(g, p2, t1, need_t1, ctx.backend)
         return dp1, dp2, (dt1 if need_t1 else None), (dt2 if need_t2 else None), None
 
 
@@ -276,29 +271,16 @@ class _RowBackwardForwardAD(torch.autograd.Function):
         return hp, ht
 
 
-class _BYOLLossForwardAD(torch.autograd.Function):
-    """:class:`BYOLLossFunction` with forward-mode rules, used under ``torch.func`` transforms
+def _row_backward(g: Tensor, p: Tensor, t: Tensor, t_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """``byol_bwd``: the registered op, or under ``torch.func`` transforms its forward-mode twin."""
+    if transforms_active():
+        return _RowBackwardForwardAD.apply(g, p, t, t_grad, backend)
+    return _row_ops(backend).bwd(g, p, t, t_grad)
+
+
+class _BYOLLossForwardAD(BYOLLossFunction):
+    """:class:`BYOLLossFunction` with a forward-mode rule, used under ``torch.func`` transforms
     (see :func:`~bissl_fast.ops._transforms.for_transforms`)."""
-
-    @staticmethod
-    def forward(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
-        ops = _row_ops(backend)
-        return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        *tensors, ctx.backend = inputs
-        ctx.save_for_backward(*tensors)
-        ctx.save_for_forward(*tensors)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        p1, p2, t1, t2 = ctx.saved_tensors
-        g = _row_weights(grad, p1)
-        need_t1, need_t2 = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
-        dp1, dt2 = _RowBackwardForwardAD.apply(g, p1, t2, need_t2, ctx.backend)
-        dp2, dt1 = _RowBackwardForwardAD.apply(g, p2, t1, need_t1, ctx.backend)
-        return dp1, dp2, (dt1 if need_t1 else None), (dt2 if need_t2 else None), None
 
     @staticmethod
     def jvp(ctx, wp1, wp2, wt1, wt2, _):
@@ -364,8 +346,8 @@ class BYOLLoss(nn.Module):
 
     def __init__(self, backend: str = "auto") -> None:
         super().__init__()
-        if backend != "auto" and backend not in SUPPORTED_BACKENDS:
-            raise ValueError(f"backend must be 'auto' or one of {SUPPORTED_BACKENDS}, got {backend!r}")
+        if backend != "auto" and backend not in OP_BACKENDS["byol"].supported:
+            raise ValueError(f"backend must be 'auto' or one of {OP_BACKENDS['byol'].supported}, got {backend!r}")
         self.backend = backend
 
     def forward(self, p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
@@ -375,4 +357,4 @@ class BYOLLoss(nn.Module):
         return f"backend={self.backend!r}"
 
 
-__all__ = ["SUPPORTED_BACKENDS", "BYOLLoss", "BYOLLossFunction", "byol_loss", "cpp_ops", "normalized_regression"]
+__all__ = ["BYOLLoss", "BYOLLossFunction", "byol_loss", "extension_ops", "normalized_regression"]

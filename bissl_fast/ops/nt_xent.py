@@ -8,10 +8,13 @@ The positive term is O(N*D) (m-1 row-wise dot products) and plain autograd diffe
 number of times. The masked log-sum-exp term ``lse_i = log sum_{j != i} exp(u_i . u_j / tau)`` is
 the part that would need the ``N x N`` logits; it is computed by :class:`NTXentFunction`, whose
 forward, backward and double backward all stream over row blocks of the logits (Triton kernels on
-GPU, chunked PyTorch on CPU) and never hold an ``N x N`` buffer. The backward of
-:class:`NTXentFunction` is itself an autograd Function, so ``torch.autograd.grad(...,
-create_graph=True)`` followed by a second ``grad`` (a Hessian-vector product) is exact; third
-derivatives raise an error instead of returning a silently wrong value.
+GPU, ``kernels/nt_xent_triton.py``; chunked PyTorch on CPU, ``kernels/nt_xent_torch.py``; the two
+modules share entry-point names and signatures). The Triton kernels never hold an ``N x N``
+buffer; the torch path treats logits of up to 16 MiB (``N <= 2048`` in fp32) as one block, which
+skips recomputations, and streams over row blocks beyond that, so memory is O(N*D) plus at most a
+few such blocks. The backward of :class:`NTXentFunction` is itself an autograd Function, so
+``torch.autograd.grad(..., create_graph=True)`` followed by a second ``grad`` (a Hessian-vector
+product) is exact; third derivatives raise an error instead of returning a silently wrong value.
 
 Normalization ``u = z / max(||z||, 1e-12)`` is done with ``F.normalize`` around the kernels, so its
 chain rule (first and second order) comes from autograd.
@@ -23,15 +26,12 @@ run eagerly.)
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .._alloc import empty_output, empty_output_like
 from .._backends import resolve_backend
+from .._dist import gather_views
 from .._validation import check_finite as _check_finite
 from .._validation import (
     check_float_tensor,
@@ -39,102 +39,16 @@ from .._validation import (
     check_positive,
     parse_nt_xent_args,
 )
+from ..kernels import nt_xent_torch
+from ..kernels.nt_xent_torch import accumulation_dtype
 from ..reference import NORMALIZE_EPS
+from ._registration import assume_constant_result, define_op
 from ._transforms import for_transforms
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
 
-_SUPPORTED = ("torch", "triton")
-_AUTO_ORDER = {"cuda": ("triton", "torch"), "cpu": ("torch",)}
 _PRECISIONS = ("ieee", "tf32")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-#: Elements of one ``[rows, N]`` logits block on the chunked path: 4 MiB of fp32, so a handful of
-#: live blocks stays far below one ``N x N`` matrix at the batch sizes where memory matters.
-_CHUNK_ELEMENTS = 1 << 20
-
-
-# --------------------------------------------------------------------------------------------
-# Chunked PyTorch implementation (backend="torch"): the same three formulas, row block by row block.
-# --------------------------------------------------------------------------------------------
-
-
-def _row_blocks(n: int) -> Iterator[tuple[int, int]]:
-    """``(i0, i1)`` row ranges whose ``[i1 - i0, N]`` logits block has about ``_CHUNK_ELEMENTS`` entries."""
-    rows = max(1, min(n, _CHUNK_ELEMENTS // n))
-    for i0 in range(0, n, rows):
-        yield i0, min(n, i0 + rows)
-
-
-def _masked_logits(u: torch.Tensor, i0: int, i1: int, inv_tau: float) -> torch.Tensor:
-    """Rows ``i0:i1`` of ``u u^T / tau`` with the diagonal set to -inf (excluded from every softmax)."""
-    s = torch.mm(u[i0:i1] * inv_tau, u.T)  # scaling the [rows, D] operand saves a pass over [rows, N]
-    s.diagonal(offset=i0).fill_(float("-inf"))
-    return s
-
-
-def _torch_lse(u: torch.Tensor, inv_tau: float) -> torch.Tensor:
-    n = u.shape[0]
-    lse = empty_output(n, dtype=u.dtype, device=u.device)
-    for i0, i1 in _row_blocks(n):
-        lse[i0:i1] = torch.logsumexp(_masked_logits(u, i0, i1, inv_tau), dim=1)
-    return lse
-
-
-def _row_shift(lse: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
-    """``lse - log c`` when every weight is positive (the loss has ``c = 1/N``), else None.
-
-    Then ``c_i P_ij = exp(s_ij - shift_i)``: the weights ride in the exponent and each
-    ``[rows, N]`` probability block costs one subtraction and one exp instead of four passes.
-    """
-    return lse - torch.log(c) if bool((c > 0).all()) else None
-
-
-def _weighted_probabilities(
-    s: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, shift: torch.Tensor | None, i0: int, i1: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """For a logits row block (overwritten): ``c_i P_ij`` and, by symmetry of ``s``,
-    ``c_j P_ji = c_j exp(s_ij - lse_j)``."""
-    if shift is not None:
-        p_col = torch.sub(s, shift).exp_()
-        return s.sub_(shift[i0:i1, None]).exp_(), p_col
-    p_col = torch.sub(s, lse).exp_().mul_(c)
-    return s.sub_(lse[i0:i1, None]).exp_().mul_(c[i0:i1, None]), p_col
-
-
-def _torch_lse_backward(u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: float) -> torch.Tensor:
-    n = u.shape[0]
-    out = empty_output_like(u)
-    shift = _row_shift(lse, c)
-    for i0, i1 in _row_blocks(n):
-        p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), lse, c, shift, i0, i1)
-        out[i0:i1] = torch.mm(p_row.add_(p_col), u).mul_(inv_tau)
-    return out
-
-
-def _cross(u: torch.Tensor, w: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
-    """Rows ``i0:i1`` of ``Q = W U^T + U W^T``."""
-    return torch.addmm(torch.mm(w[i0:i1], u.T), u[i0:i1], w.T)
-
-
-def _torch_lse_double_backward(
-    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    n = u.shape[0]
-    r = empty_output(n, dtype=u.dtype, device=u.device)
-    for i0, i1 in _row_blocks(n):  # pass 1: r_i = sum_j P_ij Q_ij
-        p = _masked_logits(u, i0, i1, inv_tau).sub_(lse[i0:i1, None]).exp_()
-        r[i0:i1] = (p.mul_(_cross(u, w, i0, i1))).sum(dim=1)
-    out = empty_output_like(u)
-    shift = _row_shift(lse, c)
-    for i0, i1 in _row_blocks(n):  # pass 2: (C P + P^T C) W / tau + (E + E^T) U / tau^2
-        p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), lse, c, shift, i0, i1)
-        q = _cross(u, w, i0, i1)
-        e = p_row * (q - r[i0:i1, None])
-        e.addcmul_(p_col, q.sub_(r))
-        grad = torch.mm(p_row.add_(p_col), w).mul_(inv_tau)
-        out[i0:i1] = grad.add_(torch.mm(e, u), alpha=inv_tau * inv_tau)
-    return out, r
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,58 +56,47 @@ def _torch_lse_double_backward(
 # --------------------------------------------------------------------------------------------
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def _kernels(backend: str):
+    """The module holding ``backend``'s three entry points (same names and signatures in both)."""
+    if backend == "triton":
+        from ..kernels import nt_xent_triton  # imports triton: only when a Triton launch is requested
+
+        return nt_xent_triton
+    return nt_xent_torch
 
 
-def _triton_kernels():
-    from ..kernels import nt_xent_triton
-
-    return nt_xent_triton
+def _lse_fake(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
+    return u.new_empty(u.shape[0], dtype=accumulation_dtype(u.dtype))
 
 
-@torch.library.custom_op("bissl_fast::nt_xent_lse", mutates_args=())
+@define_op("bissl_fast::nt_xent_lse", fake=_lse_fake)
 def _lse_op(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
     """``lse [N]`` (fp32, fp64 for fp64 ``u``) of the diagonal-masked logits ``u u^T * inv_tau``."""
-    if backend == "triton":
-        return _triton_kernels().lse_forward(u, inv_tau, precision)
-    return _torch_lse(u.to(_acc_dtype(u.dtype)), inv_tau)
+    return _kernels(backend).lse_forward(u, inv_tau, precision)
 
 
-@_lse_op.register_fake
-def _(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
-    return u.new_empty(u.shape[0], dtype=_acc_dtype(u.dtype))
+def _lse_backward_fake(u, lse, c, inv_tau, backend, precision):
+    return torch.empty_like(u)
 
 
-@torch.library.custom_op("bissl_fast::nt_xent_lse_backward", mutates_args=())
+@define_op("bissl_fast::nt_xent_lse_backward", fake=_lse_backward_fake)
 def _lse_backward_op(
     u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: float, backend: str, precision: str
 ) -> torch.Tensor:
     """``d(sum_i c_i lse_i)/du = inv_tau (C P + P^T C) u``, ``[N, D]`` in ``u.dtype``."""
-    if backend == "triton":
-        return _triton_kernels().lse_backward(u, lse, c, inv_tau, precision)
-    return _torch_lse_backward(u.to(lse.dtype), lse, c, inv_tau).to(u.dtype)
+    return _kernels(backend).lse_backward(u, lse, c, inv_tau, precision)
 
 
-@_lse_backward_op.register_fake
-def _(u, lse, c, inv_tau, backend, precision):
-    return torch.empty_like(u)
+def _lse_double_backward_fake(u, lse, c, w, inv_tau, backend, precision):
+    return torch.empty_like(u), u.new_empty(u.shape[0], dtype=accumulation_dtype(u.dtype))
 
 
-@torch.library.custom_op("bissl_fast::nt_xent_lse_double_backward", mutates_args=())
+@define_op("bissl_fast::nt_xent_lse_double_backward", fake=_lse_double_backward_fake)
 def _lse_double_backward_op(
     u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float, backend: str, precision: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For cotangent ``w`` of the backward's output: ``(d<w, dU>/du [N, D], r [N])``; ``d<w, dU>/dc = r * inv_tau``."""
-    if backend == "triton":
-        return _triton_kernels().lse_double_backward(u, lse, c, w, inv_tau, precision)
-    grad_u, r = _torch_lse_double_backward(u.to(lse.dtype), lse, c, w.to(lse.dtype), inv_tau)
-    return grad_u.to(u.dtype), r
-
-
-@_lse_double_backward_op.register_fake
-def _(u, lse, c, w, inv_tau, backend, precision):
-    return torch.empty_like(u), u.new_empty(u.shape[0], dtype=_acc_dtype(u.dtype))
+    return _kernels(backend).lse_double_backward(u, lse, c, w, inv_tau, precision)
 
 
 # --------------------------------------------------------------------------------------------
@@ -289,7 +192,8 @@ class NTXentFunction(torch.autograd.Function):
       :func:`nt_xent`); ``precision``: ``"ieee"`` or ``"tf32"`` (fp32 dots on the Triton path).
 
     Returns ``lse`` of shape ``[N]`` in fp32 (fp64 for fp64 ``u``). Its gradient is differentiable
-    once more (``create_graph=True`` then a second ``grad``); memory stays O(N*D) throughout.
+    once more (``create_graph=True`` then a second ``grad``); memory stays O(N*D) plus a few
+    bounded logits blocks throughout.
     """
 
     @staticmethod
@@ -340,72 +244,6 @@ def _lse_settings(u: torch.Tensor, temperature: float, backend: str, precision: 
 
 
 # --------------------------------------------------------------------------------------------
-# Distributed all-gather in view-major order, differentiable any number of times.
-# --------------------------------------------------------------------------------------------
-
-
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-class _GatherViews(torch.autograd.Function):
-    """Local view-major ``[m*b, D]`` -> global view-major ``[m*W*b, D]``: view ``k`` of the result
-    is ``[rank0 view k; rank1 view k; ...]``, so positives ``(i + k*W*b) mod N`` stay aligned.
-
-    The adjoint is "all-reduce-sum, then take this rank's rows" (:class:`_ReduceOwnRows`), and the
-    adjoint of that is this gather again, so the pair is differentiable to any order (HVPs).
-    """
-
-    @staticmethod
-    def forward(ctx, z, views):
-        world, _ = _world()
-        ctx.views = views
-        parts = [torch.empty_like(z) for _ in range(world)]
-        dist.all_gather(parts, z.contiguous())
-        b = z.shape[0] // views
-        stacked = torch.stack(parts).view(world, views, b, z.shape[1])
-        return stacked.transpose(0, 1).reshape(views * world * b, z.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ReduceOwnRows.apply(grad, ctx.views), None
-
-
-class _ReduceOwnRows(torch.autograd.Function):
-    """Global ``[m*W*b, D]`` -> sum over ranks, then this rank's rows of every view: ``[m*b, D]``."""
-
-    @staticmethod
-    def forward(ctx, grad, views):
-        world, rank = _world()
-        ctx.views = views
-        total = grad.contiguous().clone()
-        dist.all_reduce(total)
-        b = grad.shape[0] // (views * world)
-        return total.view(views, world, b, grad.shape[1])[:, rank].reshape(views * b, grad.shape[1])
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _GatherViews.apply(grad, ctx.views), None
-
-
-def _gather_views(z: torch.Tensor, views: int) -> torch.Tensor:
-    world, _ = _world()
-    if world == 1:
-        return z
-    shape = torch.tensor(z.shape, device=z.device)
-    shapes = [torch.empty_like(shape) for _ in range(world)]
-    dist.all_gather(shapes, shape)
-    if any(not torch.equal(s, shape) for s in shapes):
-        raise ValueError(
-            "gather=True needs the same z shape on every rank, got "
-            f"{[tuple(s.tolist()) for s in shapes]}"
-        )
-    return _GatherViews.apply(z, views)
-
-
-# --------------------------------------------------------------------------------------------
 # Public API.
 # --------------------------------------------------------------------------------------------
 
@@ -416,10 +254,10 @@ def _check_precision(precision: object) -> str:
     return precision  # type: ignore[return-value]
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _resolve_for(backend: str, device_type: str, dtype: torch.dtype) -> str:
     # A constant under torch.compile: it probes triton/the extension once, outside the traced graph.
-    name = resolve_backend(backend, torch.device(device_type), _SUPPORTED, _AUTO_ORDER)
+    name = resolve_backend(backend, torch.device(device_type), "nt_xent")
     if name == "triton" and dtype not in _TRITON_DTYPES:
         if backend == "auto":
             return "torch"
@@ -434,7 +272,7 @@ def _resolve(backend: str, z: torch.Tensor) -> str:
 def _loss(z: torch.Tensor, tau: float, views: int, backend: str, precision: str) -> torch.Tensor:
     n = z.shape[0]
     b = n // views
-    u = F.normalize(z.to(_acc_dtype(z.dtype)), dim=1, eps=NORMALIZE_EPS)
+    u = F.normalize(z.to(accumulation_dtype(z.dtype)), dim=1, eps=NORMALIZE_EPS)
     # Triton takes 16-bit rows as they are (tensor-core dots, fp32 accumulation); the chunked path
     # computes in fp32 (fp64 for fp64 input).
     u_lse = u.to(z.dtype) if backend == "triton" else u
@@ -472,7 +310,8 @@ def nt_xent(
         views: ``m >= 2`` views per sample.
         backend: ``"auto"`` (CUDA -> ``"triton"`` if available, else ``"torch"``; CPU -> ``"torch"``),
             ``"triton"`` (tiled kernels; CPU tensors only under ``TRITON_INTERPRET=1``) or
-            ``"torch"`` (chunked PyTorch over row blocks of the logits; fp64 supported). An explicit
+            ``"torch"`` (PyTorch over row blocks of the logits, one block up to ``N = 2048`` in
+            fp32; fp64 supported). An explicit
             backend that cannot run raises :class:`~bissl_fast.BackendUnavailableError`.
         gather: all-gather ``z`` over ``torch.distributed`` ranks first (no-op without an
             initialized process group or with one rank). Every rank must pass the same shape. The
@@ -509,7 +348,7 @@ def nt_xent(
         _check_finite("z", z)
     name = _resolve(backend, z)
     if gather:
-        z = _gather_views(z, m)
+        z = gather_views(z, m)
     return _loss(z, tau, m, name, precision)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .._types import Tensors
 from .._validation import (
     check_int_at_least,
     check_positive,
@@ -15,9 +16,7 @@ from .._validation import (
     check_tensor_tuple,
 )
 from ..reference import CG_EPS
-from ._multi_tensor import vector_ops
-
-Tensors = tuple[torch.Tensor, ...]
+from .cg_vector_ops import vector_ops
 
 
 @dataclasses.dataclass
@@ -75,7 +74,7 @@ def cg_solve(
             synchronizes with the device once per iteration; ``None`` never stops early.
         return_info: also return a :class:`CGInfo`.
         backend: vector-update backend, ``"auto" | "torch" | "cpp" | "cuda"`` (see
-            ``bissl_fast.solver._multi_tensor``).
+            ``bissl_fast.solver.cg_vector_ops``).
 
     ``alpha = r.r / (d.Ad + 1e-12)``, ``beta = r'.r' / (r.r + 1e-12)`` per tensor (layerwise) or
     on the totals (global); scalars are float64 device tensors, so without ``tol`` /

@@ -19,9 +19,10 @@ a product:
     parameters.
 
 ``mode="auto"`` picks ``"rev-rev"`` on every device. On CPU it is the measured winner
-(``benchmarks/bench_solver.py``, SmallResNet upper stage, one thread, process CPU time: rev-rev
-1.5-1.65x faster than the paper's recompute, fwd-rev 0.45-0.7x, i.e. slower than recompute, and
-with twice the peak memory). On CUDA no measurement
+(``benchmarks/bench_solver.py``, SmallResNet upper stage of 8 solves x 5 CG iterations, one
+thread; committed results in ``benchmarks/results/``: rev-rev 1.65-1.74x faster than the paper's
+recompute, fwd-rev 0.58-0.74x, i.e. slower than recompute, with about 1.8x the peak memory of
+rev-rev). On CUDA no measurement
 has been made yet; ``rev-rev`` is chosen there too because it needs no ``module`` and does the
 least work per product (one double backward, no forward). Revisit once GPU numbers exist.
 
@@ -45,13 +46,13 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .._types import Tensors
 from .._validation import check_tensor_tuple
-from ._dist import bucketed_mean, is_distributed
+from .._dist import bucketed_mean, is_distributed
 
 if TYPE_CHECKING:  # typing.Self is Python >= 3.11; the package supports 3.10
     from typing_extensions import Self
 
-Tensors = tuple[torch.Tensor, ...]
 
 MODES = ("auto", "rev-rev", "fwd-rev")
 
@@ -139,14 +140,13 @@ class HessianOperator:
         self._average = average_over_ranks
         self._released = False
         self.num_products = 0
-        self._loss: torch.Tensor | None = None
         self._grads: list[torch.Tensor] = []
         self._grad_index: list[int] = []
         if self.mode == "fwd-rev":
             self._wrapper = _LossModule(module, loss_fn)  # type: ignore[arg-type]
             self._names = self._names_in(module)  # type: ignore[arg-type]
         elif not recompute:
-            self._loss, self._grads, self._grad_index = self._build_graph()
+            self._grads, self._grad_index = self._build_graph()
 
     @classmethod
     def from_module(
@@ -169,17 +169,11 @@ class HessianOperator:
         return self._params
 
     @property
-    def loss(self) -> torch.Tensor | None:
-        """The detached loss value from the graph build (``rev-rev`` reuse mode), else ``None``."""
-        return None if self._loss is None else self._loss.detach()
-
-    @property
     def released(self) -> bool:
         return self._released
 
     def release(self) -> None:
         """Free the retained graph; the operator cannot be used afterwards."""
-        self._loss = None
         self._grads = []
         self._grad_index = []
         self._released = True
@@ -247,7 +241,7 @@ class HessianOperator:
             names.append("module." + by_id[id(p)])
         return names
 
-    def _build_graph(self) -> tuple[torch.Tensor, list[torch.Tensor], list[int]]:
+    def _build_graph(self) -> tuple[list[torch.Tensor], list[int]]:
         with torch.enable_grad():
             loss = self._loss_fn()
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -255,11 +249,11 @@ class HessianOperator:
             grads = torch.autograd.grad(loss, self._params, create_graph=True, allow_unused=True)
         # Only gradients that still depend on params carry second-order information.
         index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-        return loss, [grads[i] for i in index], index
+        return [grads[i] for i in index], index
 
     def _rev_rev(self, v: Tensors, batched: bool) -> Tensors:
         if self.recompute:
-            _, grads, index = self._build_graph()
+            grads, index = self._build_graph()
             retain = False
         else:
             grads, index, retain = self._grads, self._grad_index, True

@@ -6,17 +6,16 @@ from collections.abc import Sequence
 
 import torch
 
+from .._types import Tensors
 from .._validation import (
     check_int_at_least,
     check_nonnegative,
     check_positive,
     check_tensor_tuple,
 )
-from ._dist import bucketed_mean, is_distributed
+from .._dist import bucketed_mean, is_distributed
 from .cg import CGInfo, cg_solve
 from .hessian import HessianOperator
-
-Tensors = tuple[torch.Tensor, ...]
 
 
 class ImplicitGradient:

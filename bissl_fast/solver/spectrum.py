@@ -11,10 +11,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .._types import Tensors
 from .._validation import check_int_at_least, check_nonnegative
 from .hessian import HessianOperator
-
-Tensors = tuple[torch.Tensor, ...]
 
 
 def _flat(ts: Sequence[torch.Tensor], batched: bool = False) -> torch.Tensor:

@@ -16,7 +16,7 @@ Backends:
   expression, so this path reproduces :func:`bissl_fast.reference.cg_solve` to the last bit up to
   the float64 arithmetic of the scalars.
 - ``"cpp"`` / ``"cuda"``: the fused kernels ``torch.ops.bissl_fast.cg_dot / cg_update /
-  cg_direction`` (``csrc/cpu/cg_cpu.cpp``, ``csrc/cuda/cg_cuda.cu``), one call each over all
+  cg_direction`` (``csrc/cpu/cg_cpu.cpp``, ``csrc/cuda/cg_cuda_kernels.cu``), one call each over all
   tensors. They accumulate dot products in float64 in fixed-size chunks (summation order differs
   from torch's, the results are deterministic and at least as accurate); the element updates are
   the same expressions (on CUDA the compiler may contract ``x + a*d`` into one FMA, a difference of
@@ -25,18 +25,13 @@ Backends:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
-from .._backends import BackendUnavailableError, extension, resolve_backend
+from .._backends import extension, resolve_backend
+from .._types import Tensors
 
-Tensors = Sequence[torch.Tensor]
-
-SUPPORTED = ("torch", "cpp", "cuda")
-# cpp: one C++ call instead of ~6T small torch ops per iteration (measured in bench_solver.py).
-AUTO_ORDER = {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")}
 _KERNEL_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -121,17 +116,13 @@ class FusedOps:
 
 def vector_ops(backend: str, tensors: Tensors) -> VectorOps:
     """Resolve ``backend`` for CG vectors shaped like ``tensors`` (one device)."""
-    device = tensors[0].device
     fused_ok = len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in _KERNEL_DTYPES
-    if backend == "auto":
-        name = resolve_backend("auto", device, SUPPORTED if fused_ok else ("torch",), AUTO_ORDER)
-    else:
-        name = resolve_backend(backend, device, SUPPORTED, AUTO_ORDER)
-        if name == "cpp" and device.type != "cpu":
-            raise BackendUnavailableError(f"backend 'cpp' runs on CPU tensors, got {device.type}; use 'cuda' or 'torch'")
-        if name != "torch" and not fused_ok:
-            raise TypeError(
-                f"backend {name!r} needs all CG tensors in one dtype among {_KERNEL_DTYPES}, "
-                f"got {sorted({str(t.dtype) for t in tensors})}; use backend='torch'"
-            )
+    if backend == "auto" and not fused_ok:
+        return TorchOps()
+    name = resolve_backend(backend, tensors[0].device, "cg")
+    if name != "torch" and not fused_ok:
+        raise TypeError(
+            f"backend {name!r} needs all CG tensors in one dtype among {_KERNEL_DTYPES}, "
+            f"got {sorted({str(t.dtype) for t in tensors})}; use backend='torch'"
+        )
     return TorchOps() if name == "torch" else FusedOps(name)
