@@ -49,7 +49,8 @@ from .data import BatchAugment, TensorLoader, load_dataset, normalize_stats, str
 from .ema import EMATarget
 from .heads import Classifier, ProjectionModel
 from .optim import LARS, warmup_cosine
-from .trainer import BiSSLConfig, BiSSLTrainer, _byol_loss, _mean_over_ranks, _nt_xent
+from ._dist import bucketed_mean
+from .trainer import BiSSLConfig, BiSSLTrainer, _byol_loss, _nt_xent
 
 _DATASETS = ("digits", "cifar10", "imagefolder")
 _AUGMENTS = ("random", "flip")
@@ -295,7 +296,7 @@ def _device(name: str) -> torch.device:
 def _average_gradients(params: Sequence[torch.Tensor]) -> None:
     """What DDP does to gradients: one bucketed rank-mean (nothing on a single process)."""
     with_grad = [p for p in params if p.grad is not None]
-    for p, g in zip(with_grad, _mean_over_ranks([p.grad for p in with_grad])):
+    for p, g in zip(with_grad, bucketed_mean([p.grad for p in with_grad])):
         p.grad = g
 
 

@@ -40,18 +40,16 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import reference
+from ._dist import bucketed_mean, is_distributed, rank
 from ._progress import progress_bar
 from ._resume import BatchStream, rng_state, set_rng_state
 from ._stage import FrozenBuffers, StageLog, implicit_solver
+from ._types import Tensors
 from ._validation import check_int_at_least, check_nonnegative, check_positive
 from .ema import EMATarget
-
-Tensors = tuple[torch.Tensor, ...]
 
 _PRETEXTS = ("simclr", "byol")
 _SOLVERS = ("reuse", "recompute")
@@ -130,31 +128,7 @@ class BiSSLConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Distributed helpers
-# --------------------------------------------------------------------------------------------
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _mean_over_ranks(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Rank-mean of every tensor with one all-reduce for the list (what DDP does to gradients)."""
-    tensors = list(tensors)
-    if not _distributed() or not tensors:
-        return tensors
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    flat.div_(dist.get_world_size())
-    return [piece.view_as(t) for piece, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
-# --------------------------------------------------------------------------------------------
-# Loss selection: fused ops when present, references otherwise
+# Pretext losses (the fused ops)
 # --------------------------------------------------------------------------------------------
 
 
@@ -162,15 +136,13 @@ def _nt_xent(z: torch.Tensor, temperature: float, views: int, backend: str) -> t
     """Fused NT-Xent of view-major ``z`` ``[m*b, D]``; in distributed runs over the gathered global batch."""
     from .ops.nt_xent import nt_xent
 
-    return nt_xent(z, temperature=temperature, views=views, backend=backend, gather=_distributed())
+    return nt_xent(z, temperature=temperature, views=views, backend=backend, gather=is_distributed())
 
 
 def _byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, backend: str) -> torch.Tensor:
-    """Fused BYOL loss (DESIGN §2.2) when :mod:`bissl_fast.ops.byol` is built, else the reference (same value)."""
-    try:
-        from .ops.byol import byol_loss
-    except ImportError:
-        return reference.byol_loss(p1, p2, t1, t2)
+    """Fused BYOL loss (DESIGN §2.2) of the two symmetric view pairs."""
+    from .ops.byol import byol_loss
+
     return byol_loss(p1, p2, t1, t2, backend=backend)
 
 
@@ -361,7 +333,7 @@ class BiSSLTrainer:
         self.lower_optimizer.zero_grad(set_to_none=True)
         loss.backward()
         params = [p for p in self.lower_model.parameters() if p.grad is not None]
-        for p, g in zip(params, _mean_over_ranks([p.grad for p in params])):
+        for p, g in zip(params, bucketed_mean([p.grad for p in params])):
             p.grad = g
         torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm)
         self.lower_optimizer.step()
@@ -391,7 +363,7 @@ class BiSSLTrainer:
         ij = solve(v)  # rank-averages v and every Hessian product itself
         direct = [torch.zeros_like(p) if g is None else g for g, p in zip(g_d, self.upper_params + self.head_params)]
         head_lp = [torch.zeros_like(p) if g is None else g for g, p in zip(g_lp[n_b:], self.head_params)]
-        averaged = _mean_over_ranks(direct + head_lp)
+        averaged = bucketed_mean(direct + head_lp)
         for i, p in enumerate(self.upper_params):
             p.grad = ij[i] + averaged[i]
         for j, p in enumerate(self.head_params):
@@ -469,7 +441,7 @@ class BiSSLTrainer:
     def fit(self, stages: int) -> list[StageLog]:
         """Run ``stages`` BiSSL stages (progress on rank 0 as ``config.progress`` asks); returns their logs."""
         check_int_at_least("stages", stages, 0)
-        if _rank() == 0:
+        if rank() == 0:
             total = stages * (self.config.lower_iters + self.config.upper_iters)
             self._bar = progress_bar(total, "BiSSL", self.config.progress)
         try:
