@@ -1,4 +1,4 @@
-"""Console entry point ``bissl-fast``: ``bench`` (benchmark report) and ``demo`` (the BiSSL pipeline)."""
+"""Console entry point ``bissl-fast``: ``bench`` (benchmark report) and ``demo`` (BiSSL vs a compute-matched control)."""
 from __future__ import annotations
 
 import argparse
@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--select", default=None, help="only suites whose file stem contains this string")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark (pytest-benchmark max_time)")
-    sub.add_parser("demo", help="pretext pretraining -> BiSSL -> fine-tuning on a real dataset", add_help=False)
+    sub.add_parser(
+        "demo", help="replicated experiment: BiSSL vs compute-matched continued pretext training, with statistics",
+        add_help=False,
+    )
     if argv[:1] == ["demo"]:
         from .demo import main as demo_main
 
