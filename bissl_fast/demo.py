@@ -25,7 +25,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 
@@ -37,7 +37,7 @@ from .demo_report import format_text, readme_block, summarize, update_readme, wr
 class _OneLineErrorParser(argparse.ArgumentParser):
     """Bad input ends the program with one line on stderr (exit status 2), not the usage block."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -90,7 +90,7 @@ _DEFAULTS: dict[str, tuple[Any, Any]] = {
     "bissl_stages": (10, 1),
     "lower_iters": (20, 5),
     "upper_iters": (8, 2),
-    "finetune_epochs": (200, 60),
+    "finetune_epochs": (300, 60),
     "labels_per_class": (2, 3),
     "val_per_class": (10, 5),
     "test_per_class": (80, 20),

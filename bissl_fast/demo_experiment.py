@@ -296,14 +296,14 @@ def run_replicate(
         config,
         upper_transform=light_aug,
     )
+    bissl_log = trainer.fit(s.bissl_stages)
+    # Each stage draws lower_iters batches for its lower steps, then the upper stage's fixed Hessian batch.
     draws_per_stage = s.lower_iters + (1 if s.upper_iters > 0 else 0)
-    for stage in range(s.bissl_stages):
-        trainer.fit(1)
-        if bissl_stream.drawn != (stage + 1) * draws_per_stage:
-            raise RuntimeError(
-                f"BiSSL stage {stage} drew {bissl_stream.drawn - stage * draws_per_stage} lower batches, expected "
-                f"{draws_per_stage}; the control arm could not replay the lower level's batches"
-            )
+    if bissl_stream.drawn != s.bissl_stages * draws_per_stage:
+        raise RuntimeError(
+            f"BiSSL drew {bissl_stream.drawn} lower batches in {s.bissl_stages} stages, expected {draws_per_stage} "
+            "per stage; the control arm could not replay the lower level's batches"
+        )
     times["bissl_s"] = time.perf_counter() - t0
 
     # Control C: the same lower-level steps without the proximal coupling or the upper stage.
@@ -346,7 +346,6 @@ def run_replicate(
     times["finetune_s"] = time.perf_counter() - t0
     times["total_s"] = time.perf_counter() - t_start
 
-    bissl_log = trainer.log
     return {
         "seed": replicate_seed,
         "sizes": {

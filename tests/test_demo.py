@@ -139,6 +139,34 @@ def test_demo_on_an_image_folder(tmp_path):
     assert len(summary["replicates"]) == 2
 
 
+def test_demo_on_cifar10_layout(tmp_path):
+    """The documented CIFAR-10 recipe's data path (pickled batches, RGB, flips) on a tiny fake CIFAR-10 folder."""
+    import pickle
+
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for i in range(1, 6):
+        labels = np.arange(10).repeat(2)
+        data = rng.integers(0, 256, size=(20, 3072), dtype=np.uint8)
+        with open(folder / f"data_batch_{i}", "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels.tolist()}, f)
+    summary = demo.run_demo(demo.build_parser().parse_args([
+        "--data", "cifar10", "--data-root", str(tmp_path), "--image-size", "8", "--quick", "--no-progress",
+        "--replicates", "1", "--labels-per-class", "2", "--val-per-class", "1", "--test-per-class", "2",
+        "--batch-size", "16", "--pretrain-epochs", "1", "--finetune-epochs", "1", "--out", str(tmp_path / "out"),
+    ]))
+    assert summary["dataset"]["name"] == "cifar10" and summary["dataset"]["shape"] == [100, 3, 8, 8]
+    assert summary["replicates"][0]["sizes"] == {"unlabeled": 70, "labeled": 20, "val": 10, "test": 20}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        demo.main(["--device", "cuda", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2 and "--device cuda was requested but torch sees no CUDA device" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
