@@ -190,20 +190,18 @@ def _replicate_job(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     key = (args.data, args.data_root, args.image_size)
     if key not in _WORKER_DATA:
         _WORKER_DATA[key] = _load(args)
-    return _timed_replicate(args, _WORKER_DATA[key], seed, progress=False)
+    return run_replicate_from_args(args, _WORKER_DATA[key], seed, progress=False)
 
 
-def _timed_replicate(args: argparse.Namespace, data: ImageDataset, seed: int, progress: bool) -> dict[str, Any]:
-    cpu0 = time.process_time()
-    record = run_replicate(settings_from_args(args), data, seed, torch.device(args.device), progress)
-    record["times"]["cpu_s"] = time.process_time() - cpu0
-    return record
+def run_replicate_from_args(args: argparse.Namespace, data: ImageDataset, seed: int, progress: bool) -> dict[str, Any]:
+    """Replicate ``seed`` of the experiment described by resolved ``args``."""
+    return run_replicate(settings_from_args(args), data, seed, torch.device(args.device), progress)
 
 
 def _progress_line(record: dict[str, Any], done: int, total: int) -> str:
     acc = "  ".join(f"{arm} {100 * a:.1f}" for arm, a in record["test_acc"].items())
     t = record["times"]
-    return f"replicate {done}/{total} (seed {record['seed']}): test acc (%) {acc}  [{t['total_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU]"
+    return f"replicate {done}/{total} (seed {record['seed']}): test acc (%) {acc}  [{t['total_s']:.0f} s wall, {t['total_cpu_s']:.0f} s CPU]"
 
 
 def _run_replicates(args: argparse.Namespace, data: ImageDataset, seeds: Sequence[int]) -> list[dict[str, Any]]:
@@ -211,7 +209,7 @@ def _run_replicates(args: argparse.Namespace, data: ImageDataset, seeds: Sequenc
     if args.workers == 1:
         records = []
         for k, seed in enumerate(seeds):
-            records.append(_timed_replicate(args, data, seed, progress))
+            records.append(run_replicate_from_args(args, data, seed, progress))
             print(_progress_line(records[-1], k + 1, len(seeds)), flush=True)
         return records
     # Spawned workers: a forked child would inherit torch's thread pools and this process' state.
@@ -278,7 +276,11 @@ def _run(args: argparse.Namespace, data: ImageDataset) -> dict[str, Any]:
         "replicates": records,
         "times": {
             "wall_s": wall,
-            "cpu_s": sum(r["times"]["cpu_s"] for r in records),
+            "cpu_s": sum(r["times"]["total_cpu_s"] for r in records),
+            **{
+                f"{phase}_cpu_s": sum(r["times"][f"{phase}_cpu_s"] for r in records)
+                for phase in ("pretrain", "bissl", "control", "finetune")
+            },
             "workers": args.workers,
             "threads": args.threads or 1,
             "load_average_start": load_start,

@@ -242,13 +242,27 @@ def finetune(
     return model, curve
 
 
+class _PhaseClock:
+    """Wall and CPU (this process) seconds of consecutive phases, into ``times[<phase>_s]`` / ``[<phase>_cpu_s]``."""
+
+    def __init__(self, times: dict[str, float]) -> None:
+        self.times = times
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+
+    def lap(self, phase: str) -> None:
+        wall, cpu = time.perf_counter(), time.process_time()
+        self.times[f"{phase}_s"] = wall - self.wall
+        self.times[f"{phase}_cpu_s"] = cpu - self.cpu
+        self.wall, self.cpu = wall, cpu
+
+
 def run_replicate(
     settings: ExperimentSettings, data: ImageDataset, replicate_seed: int, device: torch.device, progress: bool = False,
 ) -> dict[str, Any]:
     """Run every arm of one replicate; returns its JSON-ready record (accuracies in ``[0, 1]``)."""
     s = settings
     times: dict[str, float] = {}
-    t_start = time.perf_counter()
+    clock = _PhaseClock(times)
     splits = split_indices(data.y, s.test_per_class, s.val_per_class, s.labels_per_class, derive_seed(replicate_seed, "split"))
     # Normalization statistics from the unlabeled pool only: test and validation images stay unseen.
     mean, std = normalize_stats(data.x[splits.unlabeled])
@@ -268,17 +282,15 @@ def run_replicate(
     batch_size = min(s.batch_size, x_unl.shape[0])
 
     # Pretraining: the run all four arms share.
-    t0 = time.perf_counter()
     torch.manual_seed(derive_seed(replicate_seed, "init"))
     backbone = SmallResNet(data.x.shape[1], widths=s.widths, blocks=(1,) * len(s.widths)).to(device)
     feature_dim = backbone.out_dim
     pretext = PretextModel(backbone, feature_dim, proj_dim=64, hidden_dim=128, predictor=s.pretext == "byol").to(device)
     pretrain_stream = ViewStream(x_unl, batch_size, view_aug, derive_seed(replicate_seed, "pretrain"))
     pretrain_curve = pretrain(pretext, pretrain_stream, s.pretrain_epochs, s.pretrain_lr, s.pretext)
-    times["pretrain_s"] = time.perf_counter() - t0
+    clock.lap("pretrain")
 
     # BiSSL (arms B and D): head warm-up, then the bilevel stages.
-    t0 = time.perf_counter()
     torch.manual_seed(derive_seed(replicate_seed, "bissl-head"))
     upper = DownstreamModel(copy.deepcopy(pretext.backbone), feature_dim, data.num_classes).to(device)
     linear_probe(upper, x_lab, y_lab)
@@ -304,10 +316,9 @@ def run_replicate(
             f"BiSSL drew {bissl_stream.drawn} lower batches in {s.bissl_stages} stages, expected {draws_per_stage} "
             "per stage; the control arm could not replay the lower level's batches"
         )
-    times["bissl_s"] = time.perf_counter() - t0
+    clock.lap("bissl")
 
     # Control C: the same lower-level steps without the proximal coupling or the upper stage.
-    t0 = time.perf_counter()
     control = copy.deepcopy(pretext)
     control_upper = copy.deepcopy(upper)  # the trainer needs an upper model; with no upper stage it never changes
 
@@ -328,10 +339,9 @@ def run_replicate(
     views_identical = bissl_lower_draws == control_stream.log
     if not views_identical:
         raise RuntimeError("the control arm's batches/views differ from the ones BiSSL's lower level trained on")
-    times["control_s"] = time.perf_counter() - t0
+    clock.lap("control")
 
     # Fine-tuning: every arm alike, fresh head, the replicate's fine-tuning seed.
-    t0 = time.perf_counter()
     backbones = {"A": pretext.backbone, "C": control.backbone, "B": lower.backbone, "D": upper.backbone}
     finetune_seed = derive_seed(replicate_seed, "finetune")
     test_acc, val_acc, finetune_curves = {}, {}, {}
@@ -343,8 +353,9 @@ def run_replicate(
         test_acc[arm] = accuracy(model, x_test, y_test)
         val_acc[arm] = accuracy(model, x_val, y_val) if x_val.shape[0] else None
         finetune_curves[arm] = curve
-    times["finetune_s"] = time.perf_counter() - t0
-    times["total_s"] = time.perf_counter() - t_start
+    clock.lap("finetune")
+    times["total_s"] = sum(times[f"{phase}_s"] for phase in ("pretrain", "bissl", "control", "finetune"))
+    times["total_cpu_s"] = sum(times[f"{phase}_cpu_s"] for phase in ("pretrain", "bissl", "control", "finetune"))
 
     return {
         "seed": replicate_seed,

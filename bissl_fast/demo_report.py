@@ -96,7 +96,9 @@ def _time_line(summary: dict[str, Any]) -> str:
     return (
         f"wall {t['wall_s']:.0f} s with {t['workers']} worker process{'es' if t['workers'] != 1 else ''} of "
         f"{t['threads']} thread{'s' if t['threads'] != 1 else ''} on {summary['environment']['cpu_count']} CPUs"
-        f"{load_text} (a shared machine: wall time measured under load); CPU time {t['cpu_s']:.0f} s"
+        f"{load_text} (a shared machine: wall time measured under load); CPU time {t['cpu_s']:.0f} s: pretraining "
+        f"{t['pretrain_cpu_s']:.0f} s, BiSSL {t['bissl_cpu_s']:.0f} s, control C {t['control_cpu_s']:.0f} s, "
+        f"fine-tuning {t['finetune_cpu_s']:.0f} s"
     )
 
 
