@@ -149,8 +149,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         lines.append(f"| {tag} | {_pp(c['mean'])} | {_interval(c)} | {c['p_value']:.2g} | {c['wins']}/{c['ties']}/{c['losses']} |")
     lines += [
         "",
-        f"p-values: exact sign-flip permutation test over the {n} paired differences (smallest attainable: "
-        f"{min_attainable_pvalue(n):.2g}). Validation split: {summary['validation_use']} Time: {_time_line(summary)}.",
+        f"p-values: {summary['comparisons'][summary['primary']]['p_method']} sign-flip permutation test over the {n} "
+        f"paired differences (smallest attainable exactly: {min_attainable_pvalue(n):.2g}). Validation split: {summary['validation_use']} Time: {_time_line(summary)}.",
         "",
         f"**Conclusion:** {summary['conclusion']}",
     ]
