@@ -58,6 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lower-iters", type=int, default=None, help="lower steps per BiSSL stage (default 20)")
     p.add_argument("--upper-iters", type=int, default=None, help="upper steps per BiSSL stage (default 8)")
     p.add_argument("--bissl-lr", type=float, default=5e-4, help="AdamW learning rate of both BiSSL levels and of control C")
+    p.add_argument(
+        "--lam", type=float, default=None,
+        help="BiSSL's proximal weight lam (default: BiSSLConfig's, the paper's 1e-3); choose it on the validation split",
+    )
     p.add_argument("--solver", choices=("reuse", "recompute"), default="reuse")
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="AdamW learning rate of fine-tuning")
@@ -135,6 +139,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.batch_size < 2:
         reason = "NT-Xent needs negatives" if args.pretext == "simclr" else "BatchNorm needs two samples"
         raise ValueError(f"--batch-size must be >= 2 with --pretext {args.pretext} ({reason}), got {args.batch_size}")
+    if args.lam is not None and not 0 <= args.lam < float("inf"):
+        raise ValueError(f"--lam must be a finite number >= 0, got {args.lam}")
     if any(w < 1 for w in args.widths):
         raise ValueError(f"--widths must all be >= 1, got {args.widths}")
     for flag, value in (("--pretrain-lr", args.pretrain_lr), ("--bissl-lr", args.bissl_lr), ("--finetune-lr", args.finetune_lr)):
@@ -171,7 +177,8 @@ def settings_from_args(args: argparse.Namespace) -> ExperimentSettings:
     return ExperimentSettings(
         pretext=args.pretext, widths=tuple(args.widths), pretrain_epochs=args.pretrain_epochs,
         pretrain_lr=args.pretrain_lr, batch_size=args.batch_size, bissl_stages=args.bissl_stages,
-        lower_iters=args.lower_iters, upper_iters=args.upper_iters, bissl_lr=args.bissl_lr, solver=args.solver,
+        lower_iters=args.lower_iters, upper_iters=args.upper_iters, bissl_lr=args.bissl_lr, lam=args.lam,
+        solver=args.solver,
         finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, labels_per_class=args.labels_per_class,
         val_per_class=args.val_per_class, test_per_class=args.test_per_class, flip=args.data != "digits",
     )

@@ -54,6 +54,7 @@ class ExperimentSettings:
     lower_iters: int
     upper_iters: int
     bissl_lr: float
+    lam: float | None
     solver: str
     finetune_epochs: int
     finetune_lr: float
@@ -297,6 +298,7 @@ def run_replicate(
     lower = copy.deepcopy(pretext)
     config = BiSSLConfig(
         pretext=s.pretext, lower_iters=s.lower_iters, upper_iters=s.upper_iters, solver=s.solver, progress=progress,
+        **({} if s.lam is None else {"lam": s.lam}),
     )
     bissl_stream = ViewStream(x_unl, batch_size, view_aug, derive_seed(replicate_seed, "bissl-views"))
     torch.manual_seed(derive_seed(replicate_seed, "bissl"))
@@ -362,6 +364,9 @@ def run_replicate(
         "sizes": {
             "unlabeled": int(splits.unlabeled.numel()), "labeled": int(splits.labeled.numel()),
             "val": int(splits.val.numel()), "test": int(splits.test.numel()),
+        },
+        "bissl_config": {
+            k: v for k, v in dataclasses.asdict(config).items() if isinstance(v, (bool, int, float, str, type(None)))
         },
         "test_acc": test_acc,
         "val_acc": val_acc,

@@ -83,7 +83,8 @@ def _setup_line(summary: dict[str, Any]) -> str:
         f"{len(summary['replicates'])} replicates (seeds {_seed_range(summary['replicate_seeds'])}); per replicate "
         f"{sizes['labeled']} labeled / {sizes['val']} validation / {sizes['test']} test images and "
         f"{sizes['unlabeled']} unlabeled (test and validation excluded); pretraining {cfg['pretrain_epochs']} epochs, "
-        f"BiSSL {cfg['bissl_stages']} stages x ({cfg['lower_iters']} lower + {cfg['upper_iters']} upper steps), "
+        f"BiSSL {cfg['bissl_stages']} stages x ({cfg['lower_iters']} lower + {cfg['upper_iters']} upper steps, "
+        f"lam {summary['replicates'][0]['bissl_config']['lam']:g}), "
         f"control {summary['replicates'][0]['lower_steps']['C']} continued pretext steps, fine-tuning "
         f"{cfg['finetune_epochs']} epochs"
     )

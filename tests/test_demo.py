@@ -54,7 +54,7 @@ def test_view_stream_skipping_keeps_the_other_draws_identical():
 def _settings(**overrides):
     base = dict(
         pretext="simclr", widths=(8, 16), pretrain_epochs=1, pretrain_lr=2e-3, batch_size=32, bissl_stages=2,
-        lower_iters=3, upper_iters=2, bissl_lr=5e-4, solver="reuse", finetune_epochs=3, finetune_lr=1e-3,
+        lower_iters=3, upper_iters=2, bissl_lr=5e-4, lam=None, solver="reuse", finetune_epochs=3, finetune_lr=1e-3,
         labels_per_class=2, val_per_class=2, test_per_class=5, flip=False,
     )
     base.update(overrides)
@@ -68,6 +68,7 @@ def test_replicate_control_replays_the_bissl_lower_batches(pretext, one_intra_op
     data = load_digits(size=None)
     record = demo_experiment.run_replicate(_settings(pretext=pretext), data, 7, torch.device("cpu"))
     assert record["lower_steps"] == {"B": 6, "C": 6}
+    assert record["bissl_config"]["pretext"] == pretext and record["bissl_config"]["lam"] == 0.001
     assert record["control_views_identical"] is True
     # Before the first step B and C are the same model on the same views; the proximal term is 0 there.
     assert record["first_lower_loss"]["B"] == record["first_lower_loss"]["C"]
@@ -131,8 +132,9 @@ def test_demo_on_an_image_folder(tmp_path):
     summary = demo.run_demo(demo.build_parser().parse_args([
         "--data", "imagefolder", "--data-root", str(root), "--image-size", "8", "--quick", "--no-progress",
         "--labels-per-class", "3", "--val-per-class", "1", "--test-per-class", "3", "--batch-size", "8",
-        "--pretrain-epochs", "1", "--bissl-stages", "1", "--finetune-epochs", "1", "--out", str(out),
+        "--pretrain-epochs", "1", "--bissl-stages", "1", "--finetune-epochs", "1", "--lam", "0.25", "--out", str(out),
     ]))
+    assert summary["replicates"][0]["bissl_config"]["lam"] == 0.25
     assert summary["dataset"] == {"name": "imagefolder", "images": 36, "shape": [36, 3, 8, 8], "classes": 3,
                                   "per_replicate": {"unlabeled": 24, "labeled": 9, "val": 3, "test": 9}}
     assert (out / "summary.json").exists() and (out / "summary.png").exists()
@@ -181,6 +183,7 @@ def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
         (["--labels-per-class", "150", "--test-per-class", "50"], "images per class, but the smallest class of digits has 174"),
         (["--workers", "0"], "--workers must be >= 1, got 0"),
         (["--bissl-lr", "0"], "--bissl-lr must be a positive finite number, got 0.0"),
+        (["--lam", "-1"], "--lam must be a finite number >= 0, got -1.0"),
         (["--data", "mnist"], "argument --data: invalid choice: 'mnist'"),
         (["--data", "cifar10"], "data='cifar10' needs a data root folder (--data-root DIR)"),
         (["--data", "imagefolder", "--data-root", "/nonexistent/x"], "does not exist or is not a directory"),
