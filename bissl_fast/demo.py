@@ -174,13 +174,14 @@ def check_budget(args: argparse.Namespace, data: ImageDataset) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> ExperimentSettings:
+    """The replicate settings of resolved ``args`` (flips only for data whose mirror images keep their class)."""
     return ExperimentSettings(
         pretext=args.pretext, widths=tuple(args.widths), pretrain_epochs=args.pretrain_epochs,
         pretrain_lr=args.pretrain_lr, batch_size=args.batch_size, bissl_stages=args.bissl_stages,
         lower_iters=args.lower_iters, upper_iters=args.upper_iters, bissl_lr=args.bissl_lr, lam=args.lam,
-        solver=args.solver,
-        finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr, labels_per_class=args.labels_per_class,
-        val_per_class=args.val_per_class, test_per_class=args.test_per_class, flip=args.data != "digits",
+        solver=args.solver, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        labels_per_class=args.labels_per_class, val_per_class=args.val_per_class, test_per_class=args.test_per_class,
+        flip=args.data != "digits",
     )
 
 
@@ -241,7 +242,9 @@ def _load_average() -> float | None:
 def run_demo(args: argparse.Namespace, data: ImageDataset | None = None) -> dict[str, Any]:
     """Run the experiment for ``args`` (a :func:`build_parser` namespace); returns the summary it writes.
 
-    Raises ``ValueError`` / ``FileNotFoundError`` on bad options or data before anything trains.
+    ``data`` is the dataset of the options when the caller has already loaded it; worker processes
+    (``--workers`` > 1) load it again from the options. Raises ``ValueError`` / ``FileNotFoundError``
+    on bad options or data before anything trains.
     torch's CPU thread count is set for the run (``--threads``, default 1) and restored afterwards.
     """
     args = resolve(args)
