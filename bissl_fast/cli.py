@@ -41,7 +41,7 @@ def _parser() -> _Parser:
     bench.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark (pytest-benchmark max_time)")
     bench.set_defaults(run=_bench)
     # Commands that parse their own arguments: "module:function" called with the rest of the line.
-    sub.add_parser("demo", help="pretext pretraining -> BiSSL -> fine-tuning on a real dataset", add_help=False).set_defaults(entry="bissl_fast.demo:main")
+    sub.add_parser("demo", help="replicated experiment: BiSSL vs compute-matched continued pretext training, with statistics", add_help=False).set_defaults(entry="bissl_fast.demo:main")
     sub.add_parser("run", help="the paper's pipeline: checkpoint -> head warm-up -> BiSSL -> fine-tuning", add_help=False).set_defaults(entry="bissl_fast.pipeline:main")
     return parser
 

@@ -1,368 +1,336 @@
-"""End-to-end BiSSL demo: pretext pretraining -> BiSSL -> fine-tuning, on a real dataset.
+"""The main job: does BiSSL beat a compute-matched control? A replicated, paired experiment.
 
-``bissl-fast demo`` (or ``python -m bissl_fast.demo``) runs, on scikit-learn's digits by default:
+``bissl-fast demo`` (or ``python -m bissl_fast.demo``) runs ``--replicates`` independent replicates
+(scikit-learn's digits by default). Replicate ``k`` has the seed ``--seed + k``, and every random
+choice in it (split, initialization, augmentations, pretraining, BiSSL, fine-tuning) derives from
+that one seed, so ``--seed S --replicates 1`` re-runs replicate ``S`` alone. Per replicate
+(:mod:`bissl_fast.demo_experiment`): a held-out test split no stage sees, a validation split,
+SimCLR/BYOL pretraining, then four arms sharing it -- (A) the pretext backbone, (C) pretext
+training continued for exactly BiSSL's lower-level steps on the same batches, (B) BiSSL's lower
+backbone, (D) BiSSL's upper backbone -- each fine-tuned with a fresh head and the same seed.
 
-1. SimCLR (or ``--pretext byol``) pretraining of a small ResNet on all images, without labels;
-2. a linear probe of the downstream head on the frozen pretext backbone (head warm-up), then
-   BiSSL stages (:class:`bissl_fast.BiSSLTrainer`) on a small labeled split;
-3. fine-tuning with the same budget and seeds from the pretext backbone (baseline) and from the
-   BiSSL downstream backbone, reporting test accuracy mean +- std over seeds.
-
-It prints a results table, and writes ``summary.json`` and ``summary.png`` (accuracy bars, loss
-curves) to ``--out``. ``--quick`` is a CI-sized run (well under a minute on a 2-core CPU).
+It prints accuracy per arm, the paired differences B-C (primary), B-A and C-A with a 95% t-interval,
+an exact sign-flip p-value and wins/ties/losses, and one sentence stating the conclusion; writes
+``summary.json`` and ``summary.png`` to ``--out``; and with ``--readme README.md`` regenerates the
+README's demo block from that JSON. ``--quick`` is a CI-sized smoke run.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import copy
 import json
+import multiprocessing
 import os
 import platform
-import statistics
+import sys
 import time
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .data import BatchAugment, TensorLoader, load_dataset, normalize_stats, stratified_split
-from .models import DownstreamModel, PretextModel, SmallResNet
-from .trainer import BiSSLConfig, BiSSLTrainer
+from .data import ImageDataset, load_dataset
+from .demo_experiment import ExperimentSettings, run_replicate
+from .demo_report import format_text, readme_block, summarize, update_readme, write_figure
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Bad input ends the program with one line on stderr (exit status 2), not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bissl-fast demo", description=__doc__.split("\n\n")[0])
+    p = _OneLineErrorParser(prog="bissl-fast demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", choices=("digits", "cifar10", "imagefolder"), default="digits")
     p.add_argument("--data-root", default=None, help="folder of the cifar10 / imagefolder data (nothing is downloaded)")
     p.add_argument("--image-size", type=int, default=None, help="resize images to this side (digits: native 8)")
     p.add_argument("--pretext", choices=("simclr", "byol"), default="simclr")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda uses the fused kernels)")
+    p.add_argument("--replicates", type=int, default=None, help="independent replicates (full run 8, --quick 2)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first replicate; replicate k uses seed + k")
     p.add_argument("--widths", type=int, nargs="+", default=None, help="SmallResNet stage widths (default 16 32)")
     p.add_argument("--pretrain-epochs", type=int, default=None)
-    p.add_argument("--bissl-stages", type=int, default=None)
-    p.add_argument("--lower-iters", type=int, default=20)
-    p.add_argument("--upper-iters", type=int, default=8)
-    p.add_argument("--finetune-epochs", type=int, default=None)
-    p.add_argument("--seeds", type=int, default=None, help="fine-tuning seeds per variant")
-    p.add_argument("--labels-per-class", type=int, default=None, help="size of the labeled downstream split")
-    p.add_argument("--test-per-class", type=int, default=None, help="held-out test images per class")
+    p.add_argument("--pretrain-lr", type=float, default=2e-3, help="AdamW learning rate of pretraining")
     p.add_argument("--batch-size", type=int, default=None, help="pretext batch (images; 2 views each)")
+    p.add_argument("--bissl-stages", type=int, default=None)
+    p.add_argument("--lower-iters", type=int, default=None, help="lower steps per BiSSL stage (default 20)")
+    p.add_argument("--upper-iters", type=int, default=None, help="upper steps per BiSSL stage (default 8)")
+    p.add_argument("--bissl-lr", type=float, default=5e-4, help="AdamW learning rate of both BiSSL levels and of control C")
+    p.add_argument(
+        "--lam", type=float, default=None,
+        help="BiSSL's proximal weight lam (default: BiSSLConfig's, the paper's 1e-3); choose it on the validation split",
+    )
     p.add_argument("--solver", choices=("reuse", "recompute"), default="reuse")
+    p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--finetune-lr", type=float, default=1e-3, help="AdamW learning rate of fine-tuning")
+    p.add_argument("--labels-per-class", type=int, default=None, help="labeled images per class (BiSSL upper level, fine-tuning)")
+    p.add_argument("--val-per-class", type=int, default=None, help="validation images per class (held out like the test split)")
+    p.add_argument("--test-per-class", type=int, default=None, help="held-out test images per class")
+    p.add_argument(
+        "--workers", type=int, default=None,
+        help="replicates run in parallel processes (default on CPU: min(2, CPUs); cuda: 1)",
+    )
     p.add_argument(
         "--threads", type=int, default=None,
-        help="torch CPU threads (default on CPU: 1; these models are too small to gain from more, and "
+        help="torch CPU threads per process (default on CPU: 1; these models are too small to gain from more, and "
         "extra threads slow down badly when the cores are shared)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of pretraining and BiSSL")
-    p.add_argument("--quick", action="store_true", help="CI-sized run")
+    p.add_argument("--quick", action="store_true", help="CI-sized smoke run")
     p.add_argument("--no-progress", action="store_true", help="hide the tqdm bars")
     p.add_argument("--out", default="demo_out", help="output folder for summary.json and summary.png")
+    p.add_argument("--readme", default=None, help="also regenerate this README's demo block from the new summary")
     return p
 
 
-_DEFAULTS = {
-    # name: (default, quick)
+_DEFAULTS: dict[str, tuple[Any, Any]] = {
+    # name: (full run, --quick)
+    "replicates": (8, 2),
     "image_size": (8, 8),
     "widths": ([16, 32], [8, 16]),
-    "pretrain_epochs": (30, 4),
-    "bissl_stages": (12, 2),
-    "finetune_epochs": (30, 6),
-    "seeds": (3, 2),
-    "labels_per_class": (10, 10),
-    "test_per_class": (60, 30),
+    "pretrain_epochs": (30, 2),
     "batch_size": (128, 64),
+    "bissl_stages": (10, 1),
+    "lower_iters": (20, 5),
+    "upper_iters": (8, 2),
+    "finetune_epochs": (300, 60),
+    "labels_per_class": (2, 3),
+    "val_per_class": (10, 5),
+    "test_per_class": (80, 20),
 }
+# Keys of the resolved arguments that describe where output goes, not the experiment.
+_NOT_CONFIG = ("out", "readme", "no_progress")
 
 
-def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill every unset option with its full-run or ``--quick`` default."""
     args = copy.copy(args)
     for name, (full, quick) in _DEFAULTS.items():
         # Other datasets keep their native image size unless --image-size is given.
         if getattr(args, name) is None and (name != "image_size" or args.data == "digits"):
             setattr(args, name, quick if args.quick else full)
-    if args.quick:
-        args.lower_iters = min(args.lower_iters, 10)
-        args.upper_iters = min(args.upper_iters, 4)
+    if args.workers is None:
+        args.workers = 1 if args.quick or args.device != "cpu" else min(2, os.cpu_count() or 1, args.replicates)
     return args
 
 
-def _backbone(in_channels: int, widths: Sequence[int]) -> SmallResNet:
-    return SmallResNet(in_channels, widths=tuple(widths), blocks=(1,) * len(widths))
-
-
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
-    model.eval()
-    correct = 0
-    for i in range(0, x.shape[0], batch):
-        correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
-    model.train()
-    return correct / x.shape[0]
-
-
-def _pretrain(model: PretextModel, x: torch.Tensor, args: argparse.Namespace, aug: BatchAugment, progress: bool) -> list[float]:
-    """SimCLR / BYOL pretraining on ``x`` (no labels); returns the mean loss of each epoch."""
-    from tqdm.auto import tqdm
-
-    nt_xent, byol_loss = _losses()
-    target = copy.deepcopy(model) if args.pretext == "byol" else None
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=1e-4)
-    loader = TensorLoader(x, None, batch_size=min(args.batch_size, x.shape[0]), seed=args.seed)
-    steps = args.pretrain_epochs * len(loader)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    curve = []
-    bar = tqdm(total=steps, desc="pretrain", disable=not progress)
-    for _ in range(args.pretrain_epochs):
-        losses = []
-        for xb in loader:
-            v1, v2 = aug.views(xb, 2)
-            h = model.head(model.backbone(torch.cat([v1, v2])))
-            if target is None:
-                loss = nt_xent(h, temperature=0.5)
-            else:
-                p1, p2 = model.predictor(h).chunk(2)
-                with torch.no_grad():
-                    t1, t2 = target.head(target.backbone(torch.cat([v1, v2]))).chunk(2)
-                loss = byol_loss(p1, p2, t1, t2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if target is not None:
-                with torch.no_grad():
-                    for t, o in zip(target.parameters(), model.parameters()):
-                        t.mul_(0.99).add_(o, alpha=0.01)
-            losses.append(float(loss.detach()))
-            bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
-        curve.append(sum(losses) / len(losses))
-    bar.close()
-    return curve
-
-
-def _losses() -> tuple[Any, Any]:
-    """The fused losses when they are importable, else the references (identical values)."""
-    from . import reference
-
-    try:
-        from .ops.nt_xent import nt_xent
-    except ImportError:
-        nt_xent = reference.nt_xent
-    try:
-        from .ops.byol import byol_loss
-    except ImportError:
-        byol_loss = reference.byol_loss
-    return nt_xent, byol_loss
-
-
-def _linear_probe(model: DownstreamModel, x: torch.Tensor, y: torch.Tensor, steps: int = 200) -> None:
-    """Fit the downstream head on frozen backbone features (the paper's head warm-up before BiSSL)."""
-    with torch.no_grad():
-        model.eval()
-        feats = model.backbone(x)
-        model.train()
-    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = F.cross_entropy(model.head(feats), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-
-def _finetune(
-    model: DownstreamModel, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
-    epochs: int, seed: int, aug: BatchAugment,
-) -> tuple[float, list[float]]:
-    """Full fine-tuning with augmentation; returns (test accuracy, mean train loss per epoch)."""
-    torch.manual_seed(seed)
-    loader = TensorLoader(x, y, batch_size=min(32, x.shape[0]), seed=1000 + seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * len(loader), 1))
-    curve = []
-    for _ in range(epochs):
-        losses = []
-        for xb, yb in loader:
-            loss = F.cross_entropy(model(aug(xb)), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        curve.append(sum(losses) / len(losses))
-    return _accuracy(model, x_test, y_test), curve
-
-
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def _figure(summary: dict[str, Any], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
-    names = list(summary["results"])
-    means = [100 * summary["results"][n]["test_acc_mean"] for n in names]
-    stds = [100 * summary["results"][n]["test_acc_std"] for n in names]
-    axes[0].bar(names, means, yerr=stds, capsize=6, color=["tab:gray", "tab:blue"])
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[0].set_ylim(max(0.0, min(means) - 10), min(100.0, max(means) + 5))
-    axes[0].set_title(f"fine-tuning, {summary['config']['seeds']} seeds")
-    axes[1].plot(summary["curves"]["pretrain_loss"], marker="o")
-    axes[1].set_xlabel("pretraining epoch")
-    axes[1].set_ylabel(f"{summary['config']['pretext']} loss")
-    axes[1].set_title("pretraining (bottom axis), BiSSL stages (top axis)", pad=30, fontsize=10)
-    ax2 = axes[1].twiny()
-    ax2.plot(summary["curves"]["bissl_lower_loss"], color="tab:orange", marker="s", label="BiSSL lower (pretext)")
-    ax2.plot(summary["curves"]["bissl_upper_loss"], color="tab:green", marker="^", label="BiSSL upper (downstream)")
-    ax2.set_xlabel("BiSSL stage")
-    ax2.legend(loc="upper right", fontsize=8)
-    for name in names:
-        axes[2].plot(summary["curves"]["finetune_loss"][name], label=name)
-    axes[2].set_xlabel("fine-tuning epoch")
-    axes[2].set_ylabel("train cross-entropy (mean over seeds)")
-    axes[2].set_title("fine-tuning")
-    axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def run_demo(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the pipeline described in the module docstring; returns the summary dict it writes.
-
-    ``args`` is the namespace of :func:`build_parser`. torch's CPU thread count is set for the
-    run (``--threads``) and restored afterwards.
-    """
-    args = _resolve(args)
+def check_args(args: argparse.Namespace) -> None:
+    """Raise ``ValueError`` (one line) for any bad option of resolved ``args``; nothing has run yet."""
+    at_least = {
+        "--replicates": (args.replicates, 1),
+        "--pretrain-epochs": (args.pretrain_epochs, 0),
+        "--bissl-stages": (args.bissl_stages, 0),
+        "--lower-iters": (args.lower_iters, 0),
+        "--upper-iters": (args.upper_iters, 0),
+        "--finetune-epochs": (args.finetune_epochs, 0),
+        "--labels-per-class": (args.labels_per_class, 1),
+        "--val-per-class": (args.val_per_class, 0),
+        "--test-per-class": (args.test_per_class, 1),
+        "--workers": (args.workers, 1),
+    }
+    if args.threads is not None:
+        at_least["--threads"] = (args.threads, 1)
+    if args.image_size is not None:
+        at_least["--image-size"] = (args.image_size, 4)
+    for flag, (value, minimum) in at_least.items():
+        if value < minimum:
+            raise ValueError(f"{flag} must be >= {minimum}, got {value}")
+    if args.batch_size < 2:
+        reason = "NT-Xent needs negatives" if args.pretext == "simclr" else "BatchNorm needs two samples"
+        raise ValueError(f"--batch-size must be >= 2 with --pretext {args.pretext} ({reason}), got {args.batch_size}")
+    if args.lam is not None and not 0 <= args.lam < float("inf"):
+        raise ValueError(f"--lam must be a finite number >= 0, got {args.lam}")
+    if any(w < 1 for w in args.widths):
+        raise ValueError(f"--widths must all be >= 1, got {args.widths}")
+    for flag, value in (("--pretrain-lr", args.pretrain_lr), ("--bissl-lr", args.bissl_lr), ("--finetune-lr", args.finetune_lr)):
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"{flag} must be a positive finite number, got {value}")
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but torch sees no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.readme is not None:
+        if not os.path.isfile(args.readme):
+            raise FileNotFoundError(f"--readme {args.readme!r} is not a file")
+        with open(args.readme) as f:
+            readme_block(f.read())
+
+
+def check_budget(args: argparse.Namespace, data: ImageDataset) -> None:
+    """Raise ``ValueError`` when the per-class label/validation/test budgets do not fit ``data``."""
+    need = args.labels_per_class + args.val_per_class + args.test_per_class
+    counts = torch.bincount(data.y, minlength=data.num_classes)
+    smallest = int(counts.min())
+    if smallest < need:
+        raise ValueError(
+            f"--labels-per-class {args.labels_per_class} + --val-per-class {args.val_per_class} + --test-per-class "
+            f"{args.test_per_class} = {need} images per class, but the smallest class of {data.name} has {smallest}"
+        )
+    unlabeled = data.y.numel() - data.num_classes * (args.val_per_class + args.test_per_class)
+    if unlabeled < 2:
+        raise ValueError(f"only {unlabeled} unlabeled images remain after the test and validation splits; need >= 2")
+
+
+def settings_from_args(args: argparse.Namespace) -> ExperimentSettings:
+    """The replicate settings of resolved ``args`` (flips only for data whose mirror images keep their class)."""
+    return ExperimentSettings(
+        pretext=args.pretext, widths=tuple(args.widths), pretrain_epochs=args.pretrain_epochs,
+        pretrain_lr=args.pretrain_lr, batch_size=args.batch_size, bissl_stages=args.bissl_stages,
+        lower_iters=args.lower_iters, upper_iters=args.upper_iters, bissl_lr=args.bissl_lr, lam=args.lam,
+        solver=args.solver, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
+        labels_per_class=args.labels_per_class, val_per_class=args.val_per_class, test_per_class=args.test_per_class,
+        flip=args.data != "digits",
+    )
+
+
+def _load(args: argparse.Namespace) -> ImageDataset:
+    return load_dataset(args.data, args.data_root, args.image_size)
+
+
+_WORKER_DATA: dict[tuple[Any, ...], ImageDataset] = {}
+
+
+def _replicate_job(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """One replicate in a worker process (the dataset is loaded once per process)."""
+    torch.set_num_threads(args.threads or 1)
+    key = (args.data, args.data_root, args.image_size)
+    if key not in _WORKER_DATA:
+        _WORKER_DATA[key] = _load(args)
+    return run_replicate_from_args(args, _WORKER_DATA[key], seed, progress=False)
+
+
+def run_replicate_from_args(args: argparse.Namespace, data: ImageDataset, seed: int, progress: bool) -> dict[str, Any]:
+    """Replicate ``seed`` of the experiment described by resolved ``args``."""
+    return run_replicate(settings_from_args(args), data, seed, torch.device(args.device), progress)
+
+
+def _progress_line(record: dict[str, Any], done: int, total: int) -> str:
+    acc = "  ".join(f"{arm} {100 * a:.1f}" for arm, a in record["test_acc"].items())
+    t = record["times"]
+    return f"replicate {done}/{total} (seed {record['seed']}): test acc (%) {acc}  [{t['total_s']:.0f} s wall, {t['total_cpu_s']:.0f} s CPU]"
+
+
+def _run_replicates(args: argparse.Namespace, data: ImageDataset, seeds: Sequence[int]) -> list[dict[str, Any]]:
+    progress = not args.no_progress
+    if args.workers == 1:
+        records = []
+        for k, seed in enumerate(seeds):
+            records.append(run_replicate_from_args(args, data, seed, progress))
+            print(_progress_line(records[-1], k + 1, len(seeds)), flush=True)
+        return records
+    # Spawned workers: a forked child would inherit torch's thread pools and this process' state.
+    context = multiprocessing.get_context("spawn")
+    by_seed: dict[int, dict[str, Any]] = {}
+    with concurrent.futures.ProcessPoolExecutor(args.workers, mp_context=context) as pool:
+        futures = [pool.submit(_replicate_job, args, seed) for seed in seeds]
+        for future in concurrent.futures.as_completed(futures):
+            record = future.result()
+            by_seed[record["seed"]] = record
+            print(_progress_line(record, len(by_seed), len(seeds)), flush=True)
+    return [by_seed[s] for s in seeds]
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def run_demo(args: argparse.Namespace, data: ImageDataset | None = None) -> dict[str, Any]:
+    """Run the experiment for ``args`` (a :func:`build_parser` namespace); returns the summary it writes.
+
+    ``data`` is the dataset of the options when the caller has already loaded it; worker processes
+    (``--workers`` > 1) load it again from the options. Raises ``ValueError`` / ``FileNotFoundError``
+    on bad options or data before anything trains.
+    torch's CPU thread count is set for the run (``--threads``, default 1) and restored afterwards.
+    """
+    args = resolve(args)
+    check_args(args)
+    data = _load(args) if data is None else data
+    check_budget(args, data)
     previous_threads = torch.get_num_threads()
-    if args.threads is not None or device.type == "cpu":
+    if args.threads is not None or args.device == "cpu":
         torch.set_num_threads(args.threads or 1)
     try:
-        return _run(args, device)
+        return _run(args, data)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _run(args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was requested but torch sees no CUDA device")
-    progress = not args.no_progress
-    times: dict[str, float] = {}
-    t_start = time.perf_counter()
-
-    torch.manual_seed(args.seed)
-    data = load_dataset(args.data, args.data_root, args.image_size)
-    mean, std = normalize_stats(data.x)
-    x_all = ((data.x - mean) / std).to(device)
-    y_all = data.y.to(device)
-    test_idx, rest = stratified_split(data.y, args.test_per_class, seed=args.seed)
-    train_pos, _ = stratified_split(data.y[rest], args.labels_per_class, seed=args.seed + 1)
-    train_idx = rest[train_pos]
-    x_test, y_test = x_all[test_idx.to(device)], y_all[test_idx.to(device)]
-    x_lab, y_lab = x_all[train_idx.to(device)], y_all[train_idx.to(device)]
-    channels = data.x.shape[1]
-    aug = BatchAugment(flip=0.0 if args.data == "digits" else 0.5)
-    # Downstream training uses milder augmentation than the pretext views.
-    light_aug = BatchAugment(scale=(0.8, 1.0), rotation=10.0, jitter=0.1, noise=0.02, flip=0.0 if args.data == "digits" else 0.5)
-
-    # 1) pretext pretraining on all images, no labels.
-    t0 = time.perf_counter()
-    backbone = _backbone(channels, args.widths).to(device)
-    pretext = PretextModel(backbone, backbone.out_dim, proj_dim=64, hidden_dim=128, predictor=args.pretext == "byol").to(device)
-    pretrain_curve = _pretrain(pretext, x_all, args, aug, progress)
-    times["pretrain_s"] = time.perf_counter() - t0
-
-    # 2) head warm-up + BiSSL on the labeled split.
-    t0 = time.perf_counter()
-    warm = DownstreamModel(copy.deepcopy(pretext.backbone), backbone.out_dim, data.num_classes).to(device)
-    _linear_probe(warm, x_lab, y_lab)
-    baseline_init = copy.deepcopy(warm)
-    lower = copy.deepcopy(pretext)
-    upper = copy.deepcopy(warm)
-    cfg = BiSSLConfig(
-        pretext=args.pretext, lower_iters=args.lower_iters, upper_iters=args.upper_iters,
-        solver=args.solver, progress=progress,
+def _run(args: argparse.Namespace, data: ImageDataset) -> dict[str, Any]:
+    seeds = [args.seed + k for k in range(args.replicates)]
+    print(
+        f"{args.replicates} replicates, seeds {seeds} (re-run one alone with --seed S --replicates 1), "
+        f"{args.workers} worker process(es)", flush=True,
     )
-    trainer = BiSSLTrainer(
-        lower, upper,
-        TensorLoader(x_all, None, batch_size=min(args.batch_size, x_all.shape[0]), seed=args.seed + 7),
-        TensorLoader(x_lab, y_lab, batch_size=min(64, x_lab.shape[0]), seed=args.seed + 11),
-        torch.optim.AdamW(lower.parameters(), lr=5e-4, weight_decay=1e-4),
-        torch.optim.AdamW(upper.parameters(), lr=5e-4, weight_decay=1e-4),
-        cfg,
-        lower_transform=lambda xb: aug.views(xb, 2),
-        upper_transform=light_aug,
-    )
-    bissl_log = trainer.fit(args.bissl_stages)
-    times["bissl_s"] = time.perf_counter() - t0
-
-    # 3) fine-tuning from both initializations, same budget and seeds.
-    t0 = time.perf_counter()
-    inits = {"pretext": baseline_init, "bissl": upper}
-    accs: dict[str, list[float]] = {name: [] for name in inits}
-    curves: dict[str, list[list[float]]] = {name: [] for name in inits}
-    for seed in range(args.seeds):
-        for name, init in inits.items():
-            acc, curve = _finetune(copy.deepcopy(init), x_lab, y_lab, x_test, y_test, args.finetune_epochs, seed, light_aug)
-            accs[name].append(acc)
-            curves[name].append(curve)
-    times["finetune_s"] = time.perf_counter() - t0
-    times["total_s"] = time.perf_counter() - t_start
-
-    results = {}
-    for name in inits:
-        m, s = _mean_std(accs[name])
-        results[name] = {"test_acc_mean": m, "test_acc_std": s, "test_acc": accs[name]}
-    summary = {
-        "config": {k: v for k, v in vars(args).items()},
-        "dataset": {"name": data.name, "images": int(data.x.shape[0]), "shape": list(data.x.shape[1:]),
-                    "classes": data.num_classes, "labeled_train": int(x_lab.shape[0]), "test": int(x_test.shape[0])},
-        "results": results,
-        "times": times,
-        "bissl_log": [{k: v for k, v in e.items()} for e in bissl_log],
-        "curves": {
-            "pretrain_loss": pretrain_curve,
-            "bissl_lower_loss": [e["lower_loss"] for e in bissl_log],
-            "bissl_upper_loss": [e["upper_loss"] for e in bissl_log],
-            "finetune_loss": {n: [statistics.fmean(c) for c in zip(*curves[n])] for n in inits},
+    load_start = _load_average()
+    wall0 = time.perf_counter()
+    records = _run_replicates(args, data, seeds)
+    wall = time.perf_counter() - wall0
+    first = records[0]["sizes"]
+    summary: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG},
+        "dataset": {
+            "name": data.name, "images": int(data.x.shape[0]), "shape": list(data.x.shape),
+            "classes": data.num_classes, "per_replicate": first,
         },
-        "environment": {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-                        "platform": platform.platform()},
+        "replicate_seeds": seeds,
+        "validation_use": (
+            "none: every setting was fixed before the run (no learning rate, lam or epoch count was chosen on it); "
+            "its accuracy is recorded per replicate and arm in summary.json."
+        ),
+        **summarize(records),
+        "replicates": records,
+        "times": {
+            "wall_s": wall,
+            "cpu_s": sum(r["times"]["total_cpu_s"] for r in records),
+            **{
+                f"{phase}_cpu_s": sum(r["times"][f"{phase}_cpu_s"] for r in records)
+                for phase in ("pretrain", "bissl", "control", "finetune")
+            },
+            "workers": args.workers,
+            "threads": args.threads or 1,
+            "load_average_start": load_start,
+            "load_average_end": _load_average(),
+        },
+        "environment": {
+            "torch": torch.__version__, "device": args.device, "platform": platform.platform(),
+            "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
+        },
     }
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    _figure(summary, os.path.join(args.out, "summary.png"))
-    print(format_table(summary))
+    json_path = os.path.join(args.out, "summary.json")
+    with open(json_path, "w") as f:
+        json.dump(summary, f, indent=1)
+    written = [json_path]
+    try:
+        figure_path = os.path.join(args.out, "summary.png")
+        write_figure(summary, figure_path)
+        written.append(figure_path)
+    except ImportError:
+        print("matplotlib is not installed: no figure (pip install matplotlib)", flush=True)
+    if args.readme is not None:
+        update_readme(args.readme, summary)
+        written.append(f"{args.readme} (demo block)")
+    print(format_text(summary))
+    print("wrote " + ", ".join(written))
     return summary
-
-
-def format_table(summary: dict[str, Any]) -> str:
-    """The printed results table: accuracy per initialization and wall time per stage."""
-    ds = summary["dataset"]
-    lines = [
-        f"BiSSL demo: {ds['name']} {ds['shape']}, {ds['labeled_train']} labeled / {ds['test']} test images, "
-        f"pretext={summary['config']['pretext']}, {summary['config']['seeds']} seeds",
-        f"{'init':<10} {'test acc (%)':>18}",
-    ]
-    for name, r in summary["results"].items():
-        lines.append(f"{name:<10} {100 * r['test_acc_mean']:>9.2f} +- {100 * r['test_acc_std']:<5.2f}")
-    t = summary["times"]
-    lines.append(
-        f"wall time: pretrain {t['pretrain_s']:.1f}s, BiSSL {t['bissl_s']:.1f}s, "
-        f"fine-tune {t['finetune_s']:.1f}s, total {t['total_s']:.1f}s"
-    )
-    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point (``bissl-fast demo ...`` / ``python -m bissl_fast.demo ...``)."""
-    run_demo(build_parser().parse_args(argv))
+    parser = build_parser()
+    args = resolve(parser.parse_args(argv))
+    try:
+        check_args(args)
+        data = _load(args)
+        check_budget(args, data)
+    except (ValueError, FileNotFoundError, ImportError) as exc:
+        parser.error(str(exc))
+    run_demo(args, data)
     return 0
 
 

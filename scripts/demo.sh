@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh) and run the main job: pretext pretraining -> BiSSL -> fine-tuning on the
-# scikit-learn digits dataset. Extra arguments go to `bissl-fast demo` (e.g. --quick, --pretext byol).
+# Set up (scripts/setup.sh) and run the main job: a replicated experiment on scikit-learn's digits comparing
+# BiSSL's lower backbone with compute-matched continued pretext training (README "The demo (main job)").
+# Extra arguments go to `bissl-fast demo` (e.g. --quick, --pretext byol, --out DIR --readme README.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
