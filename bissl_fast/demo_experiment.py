@@ -30,7 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import BatchAugment, ImageDataset, TensorLoader, normalize_stats
+from .ema import EMATarget
 from .models import DownstreamModel, PretextModel, SmallResNet
+from .ops.byol import byol_loss
+from .ops.nt_xent import nt_xent
 from .trainer import BiSSLConfig, BiSSLTrainer
 
 ARMS: dict[str, str] = {
@@ -139,47 +142,38 @@ class ViewStream:
             yield tuple(views)
 
 
-def _losses() -> tuple[Any, Any]:
-    """The fused losses when they are importable, else the references (identical values)."""
-    from . import reference
-
-    try:
-        from .ops.nt_xent import nt_xent
-    except ImportError:
-        nt_xent = reference.nt_xent
-    try:
-        from .ops.byol import byol_loss
-    except ImportError:
-        byol_loss = reference.byol_loss
-    return nt_xent, byol_loss
+#: EMA decay of the BYOL target during the demo's short pretraining (a few hundred steps): the
+#: paper's 0.9995 would leave the target at its initialization over so few steps.
+PRETRAIN_BYOL_MOMENTUM = 0.99
 
 
 def pretrain(model: PretextModel, stream: ViewStream, epochs: int, lr: float, pretext: str) -> list[float]:
-    """SimCLR / BYOL pretraining (AdamW, cosine schedule); returns the mean loss of each epoch."""
-    nt_xent, byol_loss = _losses()
-    target = copy.deepcopy(model) if pretext == "byol" else None
+    """SimCLR / BYOL pretraining (AdamW, cosine schedule); returns the mean loss of each epoch.
+
+    Each view runs through the backbone in its own forward pass (BatchNorm statistics per view), as
+    in the paper and in :class:`bissl_fast.BiSSLTrainer`.
+    """
+    target = EMATarget([model.backbone, model.head], momentum=PRETRAIN_BYOL_MOMENTUM) if pretext == "byol" else None
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * len(stream.loader), 1))
     curve = []
     for _ in range(epochs):
         losses = []
         for v1, v2 in stream:
-            h = model.head(model.backbone(torch.cat([v1, v2])))
+            h1, h2 = (model.head(model.backbone(v)) for v in (v1, v2))
             if target is None:
-                loss = nt_xent(h, temperature=0.5)
+                loss = nt_xent(h1, h2, 0.5)
             else:
-                p1, p2 = model.predictor(h).chunk(2)
+                t_backbone, t_head = target.modules
                 with torch.no_grad():
-                    t1, t2 = target.head(target.backbone(torch.cat([v1, v2]))).chunk(2)
-                loss = byol_loss(p1, p2, t1, t2)
+                    t1, t2 = (t_head(t_backbone(v)) for v in (v1, v2))
+                loss = byol_loss(model.predictor(h1), model.predictor(h2), t1, t2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
             if target is not None:
-                with torch.no_grad():
-                    for t, o in zip(target.parameters(), model.parameters()):
-                        t.mul_(0.99).add_(o, alpha=0.01)
+                target.update()
             losses.append(float(loss.detach()))
         curve.append(sum(losses) / len(losses))
     return curve
