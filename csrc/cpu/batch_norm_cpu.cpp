@@ -22,6 +22,7 @@
 #include <torch/types.h>
 
 #include <array>
+#include <type_traits>
 #include <vector>
 
 #include "../batch_norm_checks.h"
@@ -29,27 +30,115 @@
 #include "bissl_fast/batch_norm_math.h"
 
 namespace bissl_fast {
-namespace {
+namespace batch_norm_cpu {
 
 namespace bn = batch_norm;
+
+// Raw-pointer arguments of the channel-block loops (batch_norm_cpu_kernels.h). S: storage type, T:
+// accumulation type. Per-channel arrays are T; an absent output is nullptr.
+struct Geometry {
+  int64_t n, c, l;
+};
+
+template <typename S, typename T>
+struct FwdArgs {
+  const S* x;
+  S* y;
+  const T *w, *b, *rm, *rv;
+  T *mean, *invstd, *new_rm, *new_rv;
+  bool training, update;
+  T momentum, eps;
+  Geometry ly;
+};
+
+template <typename S, typename T>
+struct BwdArgs {
+  const S *g, *x;
+  S* gx;
+  const T *w, *mean, *invstd;
+  T *gw, *gb;
+  bool training;
+  Geometry ly;
+};
+
+template <typename S, typename T>
+struct DbwdArgs {
+  const S *ggx, *g, *x;
+  S *gi, *gg;
+  const T *ggw, *ggb, *w, *mean, *invstd;
+  T* gw;
+  bool training;
+  Geometry ly;
+};
+
+// kLanes accumulators of T in one vector (gcc/clang vector extension), for the row sums.
+template <typename T>
+struct Lanes;
+template <>
+struct Lanes<float> {
+  typedef float type __attribute__((vector_size(bn::kLanes * sizeof(float))));
+};
+template <>
+struct Lanes<double> {
+  typedef double type __attribute__((vector_size(bn::kLanes * sizeof(double))));
+};
+template <typename T>
+using LaneVec = typename Lanes<T>::type;
+
+namespace baseline {
+#include "batch_norm_cpu_kernels.h"
+}  // namespace baseline
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define BISSL_BN_HAVE_AVX2_PATH 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "batch_norm_cpu_kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#else
+#define BISSL_BN_HAVE_AVX2_PATH 0
+#endif
+
+// The same loops compiled for AVX2 (8 floats per instruction instead of SSE2's 4), when the CPU has it.
+bool use_avx2() {
+#if BISSL_BN_HAVE_AVX2_PATH
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+#if BISSL_BN_HAVE_AVX2_PATH
+#define BISSL_BN_BLOCK(fn, args, c0, c1) \
+  (bc::use_avx2() ? bc::avx2::fn(args, c0, c1) : bc::baseline::fn(args, c0, c1))
+#else
+#define BISSL_BN_BLOCK(fn, args, c0, c1) bc::baseline::fn(args, c0, c1)
+#endif
+
+}  // namespace batch_norm_cpu
+
+namespace {
+
 namespace chk = batch_norm_checks;
+namespace bc = batch_norm_cpu;
 
 // Channels per parallel task: enough elements that the task outweighs the scheduling cost.
 int64_t grain(const chk::Layout& ly) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(ly.n * ly.l, 1));
 }
 
-// Calls f(k, offset) for every contiguous run of channels c0 + k in [c0, c1): run n of channel c
-// starts at (n C + c) L. Looping n outside keeps [N, C] inputs (L = 1) walking memory in order.
-template <typename F>
-void for_runs(const chk::Layout& ly, int64_t c0, int64_t c1, F&& f) {
-  for (int64_t n = 0; n < ly.n; ++n) {
-    for (int64_t c = c0; c < c1; ++c) f(c - c0, (n * ly.c + c) * ly.l);
-  }
-}
+bc::Geometry geometry(const chk::Layout& ly) { return {ly.n, ly.c, ly.l}; }
 
 at::Tensor empty_channel_output(bool wanted, int64_t c, const at::TensorOptions& opts) {
   return wanted ? empty_output({c}, opts) : at::empty({0}, opts);
+}
+
+template <typename T>
+T* data_or_null(at::Tensor& t) {
+  return t.numel() > 0 ? t.mutable_data_ptr<T>() : nullptr;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_fwd_cpu(
@@ -69,9 +158,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
   const auto input = input_in.contiguous();
   const auto ly = chk::layout_of(input);
-  const int64_t M = ly.n * ly.l;
-  TORCH_CHECK(!training || M > 1, op, ": expected more than 1 value per channel when training, got input shape ",
-              input.sizes());
+  TORCH_CHECK(!training || ly.n * ly.l > 1, op,
+              ": expected more than 1 value per channel when training, got input shape ", input.sizes());
   const bool update = training && has_running;
   const auto acc_opts = input.options().dtype(chk::acc_type(input));
   const auto w = chk::channel_acc(weight, input, C, 1.0);
@@ -85,50 +173,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   auto new_rv = empty_channel_output(update, C, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_fwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    scalar_t* y = out.mutable_data_ptr<scalar_t>();
-    const acc_t* wp = w.const_data_ptr<acc_t>();
-    const acc_t* bp = b.const_data_ptr<acc_t>();
-    acc_t* meanp = save_mean.mutable_data_ptr<acc_t>();
-    acc_t* invp = save_invstd.mutable_data_ptr<acc_t>();
-    const acc_t mom = static_cast<acc_t>(momentum), ep = static_cast<acc_t>(eps), m = static_cast<acc_t>(M);
-    at::parallel_for(0, C, grain(ly), [&](int64_t c0, int64_t c1) {
-      const int64_t nc = c1 - c0;
-      if (training) {
-        // Two sweeps for the statistics (mean, then the centred sum of squares, as PyTorch), which
-        // keeps the variance accurate when |mean| >> std; a channel block stays in cache between them.
-        std::vector<acc_t> sum(nc, acc_t(0));
-        for_runs(ly, c0, c1, [&](int64_t k, int64_t off) { sum[k] += bn::row_sum<acc_t>(x + off, ly.l); });
-        for (int64_t k = 0; k < nc; ++k) sum[k] /= m;
-        std::vector<acc_t> var_sum(nc, acc_t(0));
-        for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-          var_sum[k] += bn::row_sum_sq_dev<acc_t>(x + off, ly.l, sum[k]);
-        });
-        for (int64_t k = 0; k < nc; ++k) {
-          const int64_t c = c0 + k;
-          meanp[c] = sum[k];
-          invp[c] = bn::inv_sqrt(var_sum[k] / m + ep);
-          if (update) {
-            new_rm.mutable_data_ptr<acc_t>()[c] = bn::running_update(rm.const_data_ptr<acc_t>()[c], sum[k], mom);
-            new_rv.mutable_data_ptr<acc_t>()[c] =
-                bn::running_update(rv.const_data_ptr<acc_t>()[c], var_sum[k] / (m - acc_t(1)), mom);
-          }
-        }
-      } else {
-        for (int64_t c = c0; c < c1; ++c) {
-          meanp[c] = rm.const_data_ptr<acc_t>()[c];
-          invp[c] = bn::inv_sqrt(rv.const_data_ptr<acc_t>()[c] + ep);
-        }
-      }
-      std::vector<bn::FwdCoef<acc_t>> coef(nc);
-      for (int64_t k = 0; k < nc; ++k) coef[k] = bn::fwd_coef(meanp[c0 + k], invp[c0 + k], wp[c0 + k], bp[c0 + k]);
-      for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-        const acc_t alpha = coef[k].alpha, beta = coef[k].beta;
-        const scalar_t* xr = x + off;
-        scalar_t* yr = y + off;
-        for (int64_t i = 0; i < ly.l; ++i) yr[i] = static_cast<scalar_t>(alpha * static_cast<acc_t>(xr[i]) + beta);
-      });
-    });
+    const bc::FwdArgs<scalar_t, acc_t> args{
+        input.const_data_ptr<scalar_t>(),
+        out.mutable_data_ptr<scalar_t>(),
+        w.const_data_ptr<acc_t>(),
+        b.const_data_ptr<acc_t>(),
+        has_running ? rm.const_data_ptr<acc_t>() : nullptr,
+        has_running ? rv.const_data_ptr<acc_t>() : nullptr,
+        save_mean.mutable_data_ptr<acc_t>(),
+        save_invstd.mutable_data_ptr<acc_t>(),
+        data_or_null<acc_t>(new_rm),
+        data_or_null<acc_t>(new_rv),
+        training,
+        update,
+        static_cast<acc_t>(momentum),
+        static_cast<acc_t>(eps),
+        geometry(ly)};
+    at::parallel_for(0, C, grain(ly), [&](int64_t c0, int64_t c1) { BISSL_BN_BLOCK(fwd_block, args, c0, c1); });
   });
   const auto running_dtype = has_running ? running_mean->scalar_type() : chk::acc_type(input);
   return {out, save_mean, save_invstd, new_rm.to(running_dtype), new_rv.to(running_dtype)};
@@ -152,47 +213,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cpu(const at::Tens
   const auto w = chk::channel_acc(weight, input, C, 1.0);
   const auto mean = chk::channel_acc(save_mean_in, input, C, 0.0);
   const auto invstd = chk::channel_acc(save_invstd_in, input, C, 1.0);
-  const bool want_gx = output_mask[0], want_gw = output_mask[1], want_gb = output_mask[2];
-  const bool need_sums = training || want_gw || want_gb;
-  auto gx = want_gx ? empty_output_like(input) : at::empty({0}, input.options());
-  auto gw = empty_channel_output(want_gw, C, acc_opts);
-  auto gb = empty_channel_output(want_gb, C, acc_opts);
+  auto gx = output_mask[0] ? empty_output_like(input) : at::empty({0}, input.options());
+  auto gw = empty_channel_output(output_mask[1], C, acc_opts);
+  auto gb = empty_channel_output(output_mask[2], C, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_bwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
-    scalar_t* gxp = want_gx ? gx.mutable_data_ptr<scalar_t>() : nullptr;
-    const acc_t* wp = w.const_data_ptr<acc_t>();
-    const acc_t* meanp = mean.const_data_ptr<acc_t>();
-    const acc_t* invp = invstd.const_data_ptr<acc_t>();
-    const acc_t m = static_cast<acc_t>(ly.n * ly.l);
-    at::parallel_for(0, C, grain(ly), [&](int64_t c0, int64_t c1) {
-      const int64_t nc = c1 - c0;
-      std::vector<acc_t> s_g(nc, acc_t(0)), s_gx(nc, acc_t(0));
-      if (need_sums) {
-        for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-          bn::row_sums_bwd<acc_t>(g + off, x + off, ly.l, meanp[c0 + k], s_g[k], s_gx[k]);
-        });
-      }
-      std::vector<bn::BwdCoef<acc_t>> coef(nc);
-      for (int64_t k = 0; k < nc; ++k) {
-        const int64_t c = c0 + k;
-        coef[k] = bn::bwd_coef(training, m, invp[c], wp[c], s_g[k], s_gx[k]);
-        if (want_gw) gw.mutable_data_ptr<acc_t>()[c] = coef[k].gw;
-        if (want_gb) gb.mutable_data_ptr<acc_t>()[c] = coef[k].gb;
-      }
-      if (!want_gx) return;
-      for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-        const acc_t k_g = coef[k].k_g, k_x = coef[k].k_x, k_0 = coef[k].k_0, mu = meanp[c0 + k];
-        const scalar_t* xr = x + off;
-        const scalar_t* gr = g + off;
-        scalar_t* outr = gxp + off;
-        for (int64_t i = 0; i < ly.l; ++i) {
-          outr[i] = static_cast<scalar_t>(k_g * static_cast<acc_t>(gr[i]) + k_x * (static_cast<acc_t>(xr[i]) - mu) +
-                                          k_0);
-        }
-      });
-    });
+    const bc::BwdArgs<scalar_t, acc_t> args{grad_out.const_data_ptr<scalar_t>(),
+                                            input.const_data_ptr<scalar_t>(),
+                                            data_or_null<scalar_t>(gx),
+                                            w.const_data_ptr<acc_t>(),
+                                            mean.const_data_ptr<acc_t>(),
+                                            invstd.const_data_ptr<acc_t>(),
+                                            data_or_null<acc_t>(gw),
+                                            data_or_null<acc_t>(gb),
+                                            training,
+                                            geometry(ly)};
+    at::parallel_for(0, C, grain(ly), [&](int64_t c0, int64_t c1) { BISSL_BN_BLOCK(bwd_block, args, c0, c1); });
   });
   const auto param_dtype = chk::present(weight) ? weight->scalar_type() : input.scalar_type();
   return {gx, gw.to(param_dtype), gb.to(param_dtype)};
@@ -221,79 +257,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_dbwd_cpu(
   const auto invstd = chk::channel_acc(save_invstd_in, input, C, 1.0);
   const auto ggw = chk::channel_acc(ggw_opt, input, C, 0.0);
   const auto ggb = chk::channel_acc(ggb_opt, input, C, 0.0);
-  const bool want_gi = output_mask[0], want_gg = output_mask[1], want_gw = output_mask[2];
-  auto gi = want_gi ? empty_output_like(input) : at::empty({0}, input.options());
-  auto gg = want_gg ? empty_output_like(input) : at::empty({0}, input.options());
-  auto gw = empty_channel_output(want_gw, C, acc_opts);
+  auto gi = output_mask[0] ? empty_output_like(input) : at::empty({0}, input.options());
+  auto gg = output_mask[1] ? empty_output_like(input) : at::empty({0}, input.options());
+  auto gw = empty_channel_output(output_mask[2], C, acc_opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_dbwd_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const scalar_t* x = input.const_data_ptr<scalar_t>();
-    const scalar_t* g = grad_out.const_data_ptr<scalar_t>();
-    const scalar_t* ggx = ggi.defined() ? ggi.const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* gip = want_gi ? gi.mutable_data_ptr<scalar_t>() : nullptr;
-    scalar_t* ggp = want_gg ? gg.mutable_data_ptr<scalar_t>() : nullptr;
-    const acc_t* wp = w.const_data_ptr<acc_t>();
-    const acc_t* meanp = mean.const_data_ptr<acc_t>();
-    const acc_t* invp = invstd.const_data_ptr<acc_t>();
-    const acc_t* ggwp = ggw.const_data_ptr<acc_t>();
-    const acc_t* ggbp = ggb.const_data_ptr<acc_t>();
-    const acc_t m = static_cast<acc_t>(ly.n * ly.l);
-    at::parallel_for(0, C, grain(ly), [&](int64_t c0, int64_t c1) {
-      const int64_t nc = c1 - c0;
-      std::vector<acc_t> s_g(nc, acc_t(0)), s_gx(nc, acc_t(0)), s_gg(nc, acc_t(0)), s_ggx(nc, acc_t(0)),
-          s_ggg(nc, acc_t(0));
-      // One sweep over (g, x, ggx) for every per-channel sum.
-      for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-        const acc_t mu = meanp[c0 + k];
-        bn::row_sums_bwd<acc_t>(g + off, x + off, ly.l, mu, s_g[k], s_gx[k]);
-        if (ggx) bn::row_sums_dbwd<acc_t>(ggx + off, g + off, x + off, ly.l, mu, s_gg[k], s_ggx[k], s_ggg[k]);
-      });
-      std::vector<bn::DbwdCoef<acc_t>> coef(nc);
-      for (int64_t k = 0; k < nc; ++k) {
-        const int64_t c = c0 + k;
-        coef[k] = bn::dbwd_coef(training, m, invp[c], wp[c], s_g[k], s_gx[k], s_gg[k], s_ggx[k], s_ggg[k], ggwp[c],
-                                ggbp[c]);
-        if (want_gw) gw.mutable_data_ptr<acc_t>()[c] = coef[k].gw;
-      }
-      if (!want_gi && !want_gg) return;
-      // One sweep writing both full-size outputs; a branch-free loop per case, so each vectorizes.
-      for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-        const auto& q = coef[k];
-        const acc_t mu = meanp[c0 + k];
-        const scalar_t* xr = x + off;
-        const scalar_t* gr = g + off;
-        const scalar_t* ggr = ggx ? ggx + off : nullptr;
-        scalar_t* gir = gip ? gip + off : nullptr;
-        scalar_t* ggo = ggp ? ggp + off : nullptr;
-        if (ggr) {
-          if (gir) {
-            for (int64_t i = 0; i < ly.l; ++i) {
-              const acc_t xc = static_cast<acc_t>(xr[i]) - mu, gv = gr[i], ggv = ggr[i];
-              gir[i] = static_cast<scalar_t>(q.i_g * gv + q.i_x * xc + q.i_gg * ggv + q.i_0);
-            }
-          }
-          if (ggo) {
-            for (int64_t i = 0; i < ly.l; ++i) {
-              const acc_t xc = static_cast<acc_t>(xr[i]) - mu, ggv = ggr[i];
-              ggo[i] = static_cast<scalar_t>(q.o_gg * ggv + q.o_x * xc + q.o_0);
-            }
-          }
-        } else {
-          if (gir) {
-            for (int64_t i = 0; i < ly.l; ++i) {
-              const acc_t xc = static_cast<acc_t>(xr[i]) - mu, gv = gr[i];
-              gir[i] = static_cast<scalar_t>(q.i_g * gv + q.i_x * xc + q.i_0);
-            }
-          }
-          if (ggo) {
-            for (int64_t i = 0; i < ly.l; ++i) {
-              const acc_t xc = static_cast<acc_t>(xr[i]) - mu;
-              ggo[i] = static_cast<scalar_t>(q.o_x * xc + q.o_0);
-            }
-          }
-        }
-      });
-    });
+    const bc::DbwdArgs<scalar_t, acc_t> args{ggi.defined() ? ggi.const_data_ptr<scalar_t>() : nullptr,
+                                             grad_out.const_data_ptr<scalar_t>(),
+                                             input.const_data_ptr<scalar_t>(),
+                                             data_or_null<scalar_t>(gi),
+                                             data_or_null<scalar_t>(gg),
+                                             ggw.const_data_ptr<acc_t>(),
+                                             ggb.const_data_ptr<acc_t>(),
+                                             w.const_data_ptr<acc_t>(),
+                                             mean.const_data_ptr<acc_t>(),
+                                             invstd.const_data_ptr<acc_t>(),
+                                             data_or_null<acc_t>(gw),
+                                             training,
+                                             geometry(ly)};
+    at::parallel_for(0, C, grain(ly), [&](int64_t c0, int64_t c1) { BISSL_BN_BLOCK(dbwd_block, args, c0, c1); });
   });
   const auto param_dtype = chk::present(weight) ? weight->scalar_type() : input.scalar_type();
   return {gi, gg, gw.to(param_dtype)};

@@ -100,8 +100,13 @@ static void check_channel(const Channel& ch, bool train, const char* label) {
   std::snprintf(what, sizeof what, "%s row_sum_sq_dev", label);
   expect_close(what, bn::row_sum_sq_dev<double>(ch.x.data(), n, mean), naive_sq, 1e-13);
   double s_g = 0, s_gx = 0, s_gg = 0, s_ggx = 0, s_ggg = 0;
-  bn::row_sums_bwd<double>(ch.g.data(), ch.x.data(), n, mean, s_g, s_gx);
-  bn::row_sums_dbwd<double>(ch.ggx.data(), ch.g.data(), ch.x.data(), n, mean, s_gg, s_ggx, s_ggg);
+  bn::row_sums_dbwd<double>(ch.ggx.data(), ch.g.data(), ch.x.data(), n, mean, s_g, s_gx, s_gg, s_ggx, s_ggg);
+  double s_g_only = 0, s_gx_only = 0;
+  bn::row_sums_bwd<double>(ch.g.data(), ch.x.data(), n, mean, s_g_only, s_gx_only);
+  std::snprintf(what, sizeof what, "%s row_sums_bwd sum g", label);
+  expect_close(what, s_g_only, s_g, 1e-13);
+  std::snprintf(what, sizeof what, "%s row_sums_bwd sum g xc", label);
+  expect_close(what, s_gx_only, s_gx, 1e-13);
 
   // Backward against the textbook formulas.
   Vec gx;

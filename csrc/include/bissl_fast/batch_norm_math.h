@@ -207,28 +207,38 @@ inline void row_sums_bwd(const S* g, const S* x, int64_t n, T mean, T& s_g, T& s
   s_gx += lane_total(b);
 }
 
-// (sum ggx, sum ggx (x - mean), sum ggx g)
+// (sum g, sum g (x - mean), sum ggx, sum ggx (x - mean), sum ggx g): every sum of the double backward
+// in one pass over the three inputs.
 template <typename T, typename S>
-inline void row_sums_dbwd(const S* gg, const S* g, const S* x, int64_t n, T mean, T& s_gg, T& s_ggx, T& s_ggg) {
-  T a[kLanes] = {}, b[kLanes] = {}, c[kLanes] = {};
+inline void row_sums_dbwd(const S* gg, const S* g, const S* x, int64_t n, T mean, T& s_g, T& s_gx, T& s_gg,
+                          T& s_ggx, T& s_ggg) {
+  T a[kLanes] = {}, b[kLanes] = {}, c[kLanes] = {}, d[kLanes] = {}, e[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const T ggv = static_cast<T>(gg[i + j]);
-      a[j] += ggv;
-      b[j] += ggv * (static_cast<T>(x[i + j]) - mean);
-      c[j] += ggv * static_cast<T>(g[i + j]);
+      const T gv = static_cast<T>(g[i + j]), ggv = static_cast<T>(gg[i + j]);
+      const T xc = static_cast<T>(x[i + j]) - mean;
+      a[j] += gv;
+      b[j] += gv * xc;
+      c[j] += ggv;
+      d[j] += ggv * xc;
+      e[j] += ggv * gv;
     }
   }
   for (; i < n; ++i) {
-    const T ggv = static_cast<T>(gg[i]);
-    a[0] += ggv;
-    b[0] += ggv * (static_cast<T>(x[i]) - mean);
-    c[0] += ggv * static_cast<T>(g[i]);
+    const T gv = static_cast<T>(g[i]), ggv = static_cast<T>(gg[i]);
+    const T xc = static_cast<T>(x[i]) - mean;
+    a[0] += gv;
+    b[0] += gv * xc;
+    c[0] += ggv;
+    d[0] += ggv * xc;
+    e[0] += ggv * gv;
   }
-  s_gg += lane_total(a);
-  s_ggx += lane_total(b);
-  s_ggg += lane_total(c);
+  s_g += lane_total(a);
+  s_gx += lane_total(b);
+  s_gg += lane_total(c);
+  s_ggx += lane_total(d);
+  s_ggg += lane_total(e);
 }
 
 }  // namespace batch_norm
