@@ -294,6 +294,26 @@ def test_hvp_through_converted_small_resnet_equals_torch(training, one_intra_op_
 
 
 @needs_cpp
+def test_fwd_rev_products_through_converted_model_equal_rev_rev(one_intra_op_thread):
+    """Under torch.func (HessianOperator fwd-rev) the layers compute with PyTorch's batch_norm: same products."""
+    from bissl_fast.solver import HessianOperator
+
+    torch.manual_seed(2)
+    model = convert_batchnorm(SmallResNet(2, widths=(4, 8)).double(), backend="cpp")
+    x = torch.randn(6, 2, 8, 8, dtype=torch.float64)
+    params = tuple(model.parameters())
+
+    def loss():
+        feats = model(x)
+        return feats.square().mean() + feats.std(dim=0).sum()
+
+    v = tuple(torch.randn_like(p) for p in params)
+    rev_rev = HessianOperator(loss, params, mode="rev-rev").matvec(v)
+    fwd_rev = HessianOperator(loss, params, mode="fwd-rev", module=model).matvec(v)
+    assert rel_err(fwd_rev, rev_rev) < F64_TOL
+
+
+@needs_cpp
 def test_fused_backend_runs_the_fused_ops_in_every_pass():
     """The HVP graph holds the fused backward ops, not PyTorch's BatchNorm backward."""
     layer = BatchNorm2d(3, backend="cpp").double()
