@@ -89,7 +89,8 @@ namespace baseline {
 #include "batch_norm_cpu_kernels.h"
 }  // namespace baseline
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+// gcc on x86 only: clang ignores `#pragma GCC target`, so there the baseline loops are all there is.
+#if defined(__GNUC__) && !defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
 #define BISSL_BN_HAVE_AVX2_PATH 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
