@@ -107,6 +107,16 @@ inline void row_sums_dbwd(const S* gg, const S* g, const S* x, int64_t n, T mean
   s_ggg += lanes_total<T>(e);
 }
 
+// [N, C] inputs (L = 1): calls f(row, k) for row n (pointing at its channel c0) and k in [0, c1 - c0),
+// so the loop over k is contiguous and, with one accumulator per channel, vectorizes.
+template <typename S, typename F>
+inline void for_rows(const S* base, const Geometry& ly, int64_t c0, int64_t c1, F&& f) {
+  for (int64_t n = 0; n < ly.n; ++n) {
+    const S* row = base + n * ly.c + c0;
+    for (int64_t k = 0; k < c1 - c0; ++k) f(row, k);
+  }
+}
+
 template <typename F>
 inline void for_runs(const Geometry& ly, int64_t c0, int64_t c1, F&& f) {
   for (int64_t n = 0; n < ly.n; ++n) {
@@ -123,11 +133,22 @@ void fwd_block(const FwdArgs<S, T>& a, int64_t c0, int64_t c1) {
     // Two sweeps for the statistics (mean, then the centred sum of squares, as PyTorch): accurate
     // when |mean| >> std; a channel block stays in cache between them.
     std::vector<T> mean(nc, T(0)), var_sum(nc, T(0));
-    for_runs(ly, c0, c1, [&](int64_t k, int64_t off) { mean[k] += row_sum<T>(a.x + off, ly.l); });
+    if (ly.l == 1) {
+      for_rows(a.x, ly, c0, c1, [&](const S* xr, int64_t k) { mean[k] += static_cast<T>(xr[k]); });
+    } else {
+      for_runs(ly, c0, c1, [&](int64_t k, int64_t off) { mean[k] += row_sum<T>(a.x + off, ly.l); });
+    }
     for (int64_t k = 0; k < nc; ++k) mean[k] /= m;
-    for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-      var_sum[k] += row_sum_sq_dev<T>(a.x + off, ly.l, mean[k]);
-    });
+    if (ly.l == 1) {
+      for_rows(a.x, ly, c0, c1, [&](const S* xr, int64_t k) {
+        const T d = static_cast<T>(xr[k]) - mean[k];
+        var_sum[k] += d * d;
+      });
+    } else {
+      for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
+        var_sum[k] += row_sum_sq_dev<T>(a.x + off, ly.l, mean[k]);
+      });
+    }
     for (int64_t k = 0; k < nc; ++k) {
       const int64_t c = c0 + k;
       a.mean[c] = mean[k];
@@ -162,7 +183,18 @@ void bwd_block(const BwdArgs<S, T>& a, int64_t c0, int64_t c1) {
   const int64_t nc = c1 - c0;
   const T m = static_cast<T>(ly.n * ly.l);
   std::vector<T> s_g(nc, T(0)), s_gx(nc, T(0));
-  if (a.training || a.gw != nullptr || a.gb != nullptr) {
+  if ((a.training || a.gw != nullptr || a.gb != nullptr) && ly.l == 1) {
+    const T* mu = a.mean + c0;
+    for (int64_t n = 0; n < ly.n; ++n) {
+      const S* gr = a.g + n * ly.c + c0;
+      const S* xr = a.x + n * ly.c + c0;
+      for (int64_t k = 0; k < nc; ++k) {
+        const T gv = static_cast<T>(gr[k]);
+        s_g[k] += gv;
+        s_gx[k] += gv * (static_cast<T>(xr[k]) - mu[k]);
+      }
+    }
+  } else if (a.training || a.gw != nullptr || a.gb != nullptr) {
     for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
       row_sums_bwd<T>(a.g + off, a.x + off, ly.l, a.mean[c0 + k], s_g[k], s_gx[k]);
     });
@@ -175,6 +207,17 @@ void bwd_block(const BwdArgs<S, T>& a, int64_t c0, int64_t c1) {
     if (a.gb != nullptr) a.gb[c] = coef[k].gb;
   }
   if (a.gx == nullptr) return;
+  if (ly.l == 1) {
+    for (int64_t n = 0; n < ly.n; ++n) {
+      const int64_t row = n * ly.c + c0;
+      for (int64_t k = 0; k < nc; ++k) {
+        const auto& q = coef[k];
+        a.gx[row + k] = static_cast<S>(q.k_g * static_cast<T>(a.g[row + k]) +
+                                       q.k_x * (static_cast<T>(a.x[row + k]) - a.mean[c0 + k]) + q.k_0);
+      }
+    }
+    return;
+  }
   for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
     // Coefficients in locals: the compiler cannot prove the output does not alias the coefficient array.
     const T k_g = coef[k].k_g, k_x = coef[k].k_x, k_0 = coef[k].k_0, mu = a.mean[c0 + k];
@@ -205,6 +248,20 @@ template <bool kHasGG, typename S, typename T>
 inline void dbwd_outputs(const DbwdArgs<S, T>& a, const std::vector<bn::DbwdCoef<T>>& coef, int64_t c0,
                          int64_t c1) {
   const bool gi = a.gi != nullptr, gg = a.gg != nullptr;
+  if (a.ly.l == 1) {
+    // [N, C]: rows of channels, one element per channel and row.
+    for (int64_t n = 0; n < a.ly.n; ++n) {
+      const int64_t row = n * a.ly.c + c0;
+      for (int64_t k = 0; k < c1 - c0; ++k) {
+        const auto& q = coef[k];
+        const T xc = static_cast<T>(a.x[row + k]) - a.mean[c0 + k];
+        const T ggv = kHasGG ? static_cast<T>(a.ggx[row + k]) : T(0);
+        if (gi) a.gi[row + k] = static_cast<S>(q.i_g * static_cast<T>(a.g[row + k]) + q.i_x * xc + q.i_gg * ggv + q.i_0);
+        if (gg) a.gg[row + k] = static_cast<S>(q.o_gg * ggv + q.o_x * xc + q.o_0);
+      }
+    }
+    return;
+  }
   for_runs(a.ly, c0, c1, [&](int64_t k, int64_t off) {
     const T mu = a.mean[c0 + k];
     const S* ggr = kHasGG ? a.ggx + off : nullptr;
@@ -227,15 +284,31 @@ void dbwd_block(const DbwdArgs<S, T>& a, int64_t c0, int64_t c1) {
   const T m = static_cast<T>(ly.n * ly.l);
   std::vector<T> s_g(nc, T(0)), s_gx(nc, T(0)), s_gg(nc, T(0)), s_ggx(nc, T(0)), s_ggg(nc, T(0));
   // One sweep over (g, x, ggx) for every per-channel sum.
-  for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-    const T mu = a.mean[c0 + k];
-    if (a.ggx != nullptr) {
-      row_sums_dbwd<T>(a.ggx + off, a.g + off, a.x + off, ly.l, mu, s_g[k], s_gx[k], s_gg[k], s_ggx[k],
-                           s_ggg[k]);
-    } else {
-      row_sums_bwd<T>(a.g + off, a.x + off, ly.l, mu, s_g[k], s_gx[k]);
+  if (ly.l == 1 && a.ggx != nullptr) {
+    const T* mu = a.mean + c0;
+    for (int64_t n = 0; n < ly.n; ++n) {
+      const int64_t row = n * ly.c + c0;
+      const S *gr = a.g + row, *xr = a.x + row, *ggr = a.ggx + row;
+      for (int64_t k = 0; k < nc; ++k) {
+        const T gv = static_cast<T>(gr[k]), ggv = static_cast<T>(ggr[k]), xc = static_cast<T>(xr[k]) - mu[k];
+        s_g[k] += gv;
+        s_gx[k] += gv * xc;
+        s_gg[k] += ggv;
+        s_ggx[k] += ggv * xc;
+        s_ggg[k] += ggv * gv;
+      }
     }
-  });
+  } else {
+    for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
+      const T mu = a.mean[c0 + k];
+      if (a.ggx != nullptr) {
+        row_sums_dbwd<T>(a.ggx + off, a.g + off, a.x + off, ly.l, mu, s_g[k], s_gx[k], s_gg[k], s_ggx[k],
+                         s_ggg[k]);
+      } else {
+        row_sums_bwd<T>(a.g + off, a.x + off, ly.l, mu, s_g[k], s_gx[k]);
+      }
+    });
+  }
   std::vector<bn::DbwdCoef<T>> coef(nc);
   for (int64_t k = 0; k < nc; ++k) {
     const int64_t c = c0 + k;
