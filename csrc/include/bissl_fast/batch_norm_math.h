@@ -144,9 +144,10 @@ BISSL_HD DbwdCoef<T> dbwd_coef(bool train, T m, T invstd, T w, T s_g, T s_gx, T 
   return k;
 }
 
-// Host row sums over one contiguous run of a channel (the CPU kernels and the C++ tests; the CUDA
-// kernels reduce the same sums with warp shuffles). kLanes independent partial sums per quantity let
-// gcc -O3 vectorize the reductions without reassociating floating-point sums itself.
+// Host row sums over one contiguous run of a channel, in kLanes partial sums per quantity (lane j sums
+// the elements j mod kLanes, the tail goes to lane 0, the lanes are totalled in order). This is the
+// reference order the C++ tests check; the CPU kernels compute the same sums in the same order with
+// vector types (csrc/cpu/batch_norm_cpu_kernels.h), the CUDA kernels with warp shuffles.
 constexpr int kLanes = 8;
 
 template <typename T, int K>
