@@ -35,6 +35,9 @@ OP_BACKENDS: Mapping[str, OpBackends] = {
     "byol": OpBackends(("torch", "cpp", "cuda", "triton"), {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}),
     # cpp: one C++ call instead of ~6T small torch ops per CG iteration (benchmarks/bench_solver.py).
     "cg": OpBackends(("torch", "cpp", "cuda"), {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")}),
+    # cpp: the fused double backward is ~10-27x PyTorch's (benchmarks/bench_batch_norm.py). The CUDA
+    # kernels have never run on a GPU, so auto keeps PyTorch's there until they are measured.
+    "batch_norm": OpBackends(("torch", "cpp", "cuda"), {"cuda": ("torch",), "cpu": ("cpp", "torch")}),
 }
 
 _BUILD_FIX = (

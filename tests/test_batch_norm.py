@@ -337,7 +337,7 @@ def test_fused_backend_runs_the_fused_ops_in_every_pass():
 @needs_cpp
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_opcheck(training):
-    bn_mod.cpp_ops()
+    bn_mod.extension_ops()
     ops = torch.ops.bissl_fast
     x = torch.randn(4, 3, 2, 2, dtype=torch.float64, requires_grad=True)
     w = torch.rand(3, dtype=torch.float64, requires_grad=True)
@@ -404,7 +404,7 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match="backend"):
         batch_norm(x, rm, rv, backend="fast")
     # The ops themselves check too (direct torch.ops callers).
-    bn_mod.cpp_ops()
+    bn_mod.extension_ops()
     with pytest.raises(RuntimeError, match="grad_out must have shape"):
         torch.ops.bissl_fast.batch_norm_bwd(torch.randn(4, 3), x, None, rm, rv, True, [True, False, False])
 

@@ -96,6 +96,32 @@ def test_concat_views_only_matters_with_batchnorm(digits, pretext):
     assert rel_err(runs[True, True], runs[True, False]) > 1e-4
 
 
+@pytest.mark.parametrize("pretext", ["simclr", "byol"])
+def test_fused_batchnorm_changes_kernels_not_results(digits, pretext):
+    """The fused BatchNorm option converts the lower model's layers and gives the same stage (float64)."""
+    from bissl_fast.nn import BatchNorm2d
+
+    runs = {}
+    for fused in (False, True):
+        trainer = _trainer(digits, pretext, batchnorm=True, fused_batchnorm=fused)
+        kinds = {type(m) for m in trainer.lower_model.modules() if isinstance(m, nn.BatchNorm2d)}
+        assert kinds == ({BatchNorm2d} if fused else {nn.BatchNorm2d})
+        assert not any(isinstance(m, BatchNorm2d) for m in trainer.upper_model.modules())
+        trainer.fit(1)
+        runs[fused] = _state(trainer)
+    assert rel_err(runs[True], runs[False]) < 1e-10
+
+
+def test_fused_batchnorm_auto_is_on_for_cpu_models(digits):
+    from bissl_fast.nn import BatchNorm2d
+
+    trainer = _trainer(digits, "simclr", batchnorm=True)
+    assert BiSSLConfig().fused_batchnorm == "auto"
+    assert any(isinstance(m, BatchNorm2d) for m in trainer.lower_model.modules())
+    with pytest.raises(ValueError, match="fused_batchnorm"):
+        BiSSLConfig(fused_batchnorm="yes")
+
+
 def test_defaults_are_the_papers():
     cfg = BiSSLConfig()
     assert (cfg.lower_iters, cfg.upper_iters, cfg.lam, cfg.damping, cfg.cg_iters) == (20, 8, 0.001, 10.0, 5)

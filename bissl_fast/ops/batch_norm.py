@@ -21,7 +21,8 @@ differentiable twice; differentiating ``batch_norm_dbwd`` raises. Backends:
 - ``"cuda"``: the same ops, CUDA kernels (``csrc/cuda/batch_norm_cuda_kernels.cu``);
 - ``"torch"``: ``torch.nn.functional.batch_norm`` (PyTorch's own).
 
-``backend="auto"`` picks ``cuda`` on CUDA tensors and ``cpp`` on CPU tensors, else ``torch``.
+``backend="auto"`` picks ``cpp`` on CPU tensors and PyTorch's own kernels on CUDA tensors (the CUDA
+kernels are opt-in, ``backend="cuda"``, until they are measured on a GPU).
 Under ``torch.func`` transforms (the solver's ``fwd-rev`` products) the fused ops have no
 forward-mode rule, so :func:`batch_norm` computes with PyTorch's ``batch_norm`` there: the same
 function, evaluated by PyTorch.
@@ -34,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .._backends import BackendUnavailableError, extension, resolve_backend
+from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor
+from ._registration import assume_constant_result
 
-SUPPORTED_BACKENDS = ("torch", "cpp", "cuda")
-AUTO_ORDER = {"cuda": ("cuda", "torch"), "cpu": ("cpp", "torch")}
+SUPPORTED_BACKENDS = OP_BACKENDS["batch_norm"].supported
 
 _OPS = ("batch_norm_fwd", "batch_norm_bwd", "batch_norm_dbwd")
 
@@ -165,7 +166,7 @@ _lock = threading.Lock()
 _registered = False
 
 
-def cpp_ops() -> None:
+def extension_ops() -> None:
     """Load the extension's ``torch.ops.bissl_fast.batch_norm_*`` and register their fake and autograd kernels."""
     global _registered
     if _registered:
@@ -182,16 +183,12 @@ def cpp_ops() -> None:
         _registered = True
 
 
-@torch.compiler.assume_constant_result
+@assume_constant_result
 def _resolve(backend: str, device: torch.device) -> str:
     """The backend name for ``device``; registers the ops' fake/autograd kernels on first use."""
-    name = resolve_backend(backend, device, SUPPORTED_BACKENDS, AUTO_ORDER)
-    if name == "cpp" and device.type != "cpu":
-        raise BackendUnavailableError(
-            f"backend 'cpp' is the CPU kernel; for {device.type} tensors use backend='cuda' or 'torch'"
-        )
+    name = resolve_backend(backend, device, "batch_norm")
     if name in ("cpp", "cuda"):
-        cpp_ops()
+        extension_ops()
     return name
 
 
@@ -267,4 +264,4 @@ def batch_norm(
     return out
 
 
-__all__ = ["SUPPORTED_BACKENDS", "batch_norm", "cpp_ops"]
+__all__ = ["SUPPORTED_BACKENDS", "batch_norm", "extension_ops"]
