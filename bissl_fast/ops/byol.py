@@ -11,7 +11,7 @@ is itself differentiable and Hessian-vector products through the loss are exact:
 their gradient saves a ``[B, D]`` write). Backends:
 
 - ``"cpp"``: ``torch.ops.bissl_fast.byol_*`` CPU kernels (``csrc/cpu/byol_cpu.cpp``);
-- ``"cuda"``: the same ``torch.ops`` ops, CUDA kernels (``csrc/cuda/byol_cuda.cu``);
+- ``"cuda"``: the same ``torch.ops`` ops, CUDA kernels (``csrc/cuda/byol_cuda_kernels.cu``);
 - ``"triton"``: ``torch.ops.bissl_fast.byol_*_triton`` custom ops (``bissl_fast/kernels/byol_triton.py``);
 - ``"torch"``: plain autograd composition of ``F.normalize`` (the reference math).
 

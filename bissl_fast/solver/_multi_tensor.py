@@ -16,7 +16,7 @@ Backends:
   expression, so this path reproduces :func:`bissl_fast.reference.cg_solve` to the last bit up to
   the float64 arithmetic of the scalars.
 - ``"cpp"`` / ``"cuda"``: the fused kernels ``torch.ops.bissl_fast.cg_dot / cg_update /
-  cg_direction`` (``csrc/cpu/cg_cpu.cpp``, ``csrc/cuda/cg_cuda.cu``), one call each over all
+  cg_direction`` (``csrc/cpu/cg_cpu.cpp``, ``csrc/cuda/cg_cuda_kernels.cu``), one call each over all
   tensors. They accumulate dot products in float64 in fixed-size chunks (summation order differs
   from torch's, the results are deterministic and at least as accurate); the element updates are
   the same expressions (on CUDA the compiler may contract ``x + a*d`` into one FMA, a difference of
