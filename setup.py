@@ -75,6 +75,22 @@ def _find_cuda_home() -> str | None:
     return None
 
 
+def _check_wheel_support() -> None:
+    """setuptools < 70.1 builds wheels only with the `wheel` package, which --no-build-isolation does not install."""
+    import setuptools
+
+    wheel_commands = {"bdist_wheel", "dist_info", "editable_wheel"}
+    if not wheel_commands.intersection(sys.argv[1:]):
+        return
+    version = tuple(int(part) for part in re.findall(r"\d+", setuptools.__version__)[:2])
+    if version < (70, 1):
+        try:
+            import wheel  # noqa: F401
+        except ImportError:
+            _fail(f"setuptools {setuptools.__version__} needs the `wheel` package to build a wheel: "
+                  "`pip install wheel` (or setuptools>=70.1), then install again")
+
+
 def _extensions():
     if os.environ.get("BISSL_FAST_SKIP_EXT", "0") == "1":
         return [], {}
@@ -84,8 +100,12 @@ def _extensions():
     try:
         import torch
     except ImportError:
-        _fail("torch is not importable here; the extension compiles against the torch you run: install torch, then "
-              "`pip install --no-build-isolation .` (or BISSL_FAST_SKIP_EXT=1 for a pure-Python install)")
+        if any("pip-build-env-" in path for path in sys.path):
+            _fail("pip's build isolation hides torch, and the extension must compile against the torch you run: "
+                  f"install torch>={TORCH_RANGE[0]},<{TORCH_RANGE[1]}, then `pip install --no-build-isolation .` "
+                  "(BISSL_FAST_SKIP_EXT=1: pure Python)")
+        _fail(f"torch is not installed; install torch>={TORCH_RANGE[0]},<{TORCH_RANGE[1]} first, then "
+              "`pip install --no-build-isolation .` (BISSL_FAST_SKIP_EXT=1: pure Python)")
 
     from torch.torch_version import TorchVersion
 
@@ -129,5 +149,6 @@ def _extensions():
     return [ext], {"build_ext": BuildExtension}
 
 
+_check_wheel_support()
 ext_modules, cmdclass = _extensions()
 setup(ext_modules=ext_modules, cmdclass=cmdclass)
