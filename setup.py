@@ -71,7 +71,8 @@ def _find_cuda_home() -> str | None:
     here = re.search(r"^#\$ _HERE_=(.+)$", dry_run.stdout + dry_run.stderr, re.MULTILINE)
     if here and _is_toolkit(os.path.dirname(here.group(1).strip())):
         return os.path.dirname(here.group(1).strip())
-    _fail(f"found {nvcc} but no CUDA toolkit around it (no include/cuda_runtime.h); set CUDA_HOME to the toolkit folder")
+    _fail(f"found {nvcc} but no CUDA toolkit around it (no include/cuda_runtime.h); "
+          "set CUDA_HOME to the toolkit folder")
     return None
 
 
@@ -136,8 +137,8 @@ def _extensions():
         ext = CppExtension("bissl_fast._C", sources, include_dirs=include_dirs, depends=depends,
                            extra_compile_args={"cxx": cxx_flags})
         return [ext], {"build_ext": BuildExtension}
-    print(f"bissl_fast build: CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(torch default)')}"
-          f" with the toolkit in {cuda_home}", file=sys.stderr)
+    arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "(torch default)")
+    print(f"bissl_fast build: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}, toolkit {cuda_home}", file=sys.stderr)
     ext = CUDAExtension(
         "bissl_fast._C",
         sources + cuda_sources,

@@ -28,8 +28,10 @@ BENCH_S=${GPU_CHECK_BENCH_S:-540}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build tests bench)
 
-gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))") \
-  || { echo "gpu_check: no CUDA GPU visible to $PY (torch $("$PY" -c 'import torch; print(torch.__version__)' 2>&1))"; exit 1; }
+if ! gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))"); then
+  echo "gpu_check: no CUDA GPU visible to $PY ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1))"
+  exit 1
+fi
 name=$(date -u +%Y%m%d)_${gpu}
 out=benchmarks/results/$name
 mkdir -p "$out"
@@ -81,8 +83,14 @@ for step in "${steps[@]}"; do
         timeout "$BUILD_S" "$PY" setup.py build_ext --inplace > "$out/build.log" 2>&1
       rc=$?
       tail -5 "$out/build.log"
-      "$PY" -c "import bissl_fast, bissl_fast._C as C, torch, json; print(json.dumps({'cuda_compiled': C.cuda_compiled(), 'backends': bissl_fast.backends(), 'reasons': bissl_fast.backend_reasons(), 'torch': torch.__version__}, indent=1))" \
-        > "$out/backends.json" 2>&1 || rc=1
+      "$PY" - > "$out/backends.json" 2>&1 <<'PY' || rc=1
+import json
+import torch
+import bissl_fast
+import bissl_fast._C as C
+print(json.dumps({"cuda_compiled": C.cuda_compiled(), "backends": bissl_fast.backends(),
+                  "reasons": bissl_fast.backend_reasons(), "torch": torch.__version__}, indent=1))
+PY
       cat "$out/backends.json" ;;
     tests)
       timeout "$TESTS_S" "$PY" -m pytest -q -p no:cacheprovider -m "cuda or triton" tests \

@@ -21,7 +21,8 @@ if command -v nvcc >/dev/null; then
 elif [ "$cuda" = 1 ]; then
   echo "build_against_torch: --cuda needs nvcc on PATH" >&2; exit 1
 fi
-echo "== build against torch $version (CUDA kernels: $([ "$cuda" = 1 ] && echo "yes, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" || echo no)) in $base" >&2
+kernels=$([ "$cuda" = 1 ] && echo "CPU + CUDA for TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST" || echo "CPU only")
+echo "== build against torch $version ($kernels) in $base" >&2
 start=$SECONDS
 MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" setup.py -q build --build-base "$base" --build-lib "$base/lib" \
   --build-temp "$base/temp" >&2

@@ -28,7 +28,8 @@ at::Tensor byol_fwd_cuda(const at::Tensor& p_in, const at::Tensor& t_in) {
   const auto p = p_in.contiguous(), t = t_in.contiguous();
   const int64_t B = p.size(0), D = p.size(1);
   auto out = empty_output({B}, p.options());
-  C10_CUDA_CHECK(fwd(cuda_dtype(p.scalar_type(), "byol_fwd"), p.const_data_ptr(), t.const_data_ptr(), out.mutable_data_ptr(), B, D,
+  const DType dtype = cuda_dtype(p.scalar_type(), "byol_fwd");
+  C10_CUDA_CHECK(fwd(dtype, p.const_data_ptr(), t.const_data_ptr(), out.mutable_data_ptr(), B, D,
                      c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -42,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd_cuda(const at::Tensor& grad_in, cons
   const int64_t B = p.size(0), D = p.size(1);
   auto dp = empty_output_like(p);
   auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
-  C10_CUDA_CHECK(bwd(cuda_dtype(p.scalar_type(), "byol_bwd"), grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
+  const DType dtype = cuda_dtype(p.scalar_type(), "byol_bwd");
+  C10_CUDA_CHECK(bwd(dtype, grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
                      dp.mutable_data_ptr(), t_grad ? dt.mutable_data_ptr() : nullptr, B, D,
                      c10::cuda::getCurrentCUDAStream()));
   return {dp, dt};
@@ -62,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cuda(const at::Tensor& g
   auto dgrad = empty_output({B}, p.options());
   auto dp = empty_output_like(p);
   auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
-  C10_CUDA_CHECK(hvp(cuda_dtype(p.scalar_type(), "byol_hvp"), grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
+  const DType dtype = cuda_dtype(p.scalar_type(), "byol_hvp");
+  C10_CUDA_CHECK(hvp(dtype, grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
                      wp.const_data_ptr(), wt.defined() ? wt.const_data_ptr() : nullptr, dgrad.mutable_data_ptr(),
                      dp.mutable_data_ptr(), t_grad ? dt.mutable_data_ptr() : nullptr, B, D,
                      c10::cuda::getCurrentCUDAStream()));

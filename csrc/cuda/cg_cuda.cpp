@@ -101,8 +101,9 @@ void cg_direction_cuda(at::TensorList d, at::TensorList r, const at::Tensor& bet
   if (chunks == 0) return;
   const auto table = device_table({d, r}, starts);
   const auto beta_c = beta.contiguous();
-  check_launch(launch_cg_direction(cuda_dtype(d[0].scalar_type(), "cg_direction"), table.const_data_ptr<int64_t>(), T, chunks,
-                                   beta_c.const_data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()),
+  const DType dtype = cuda_dtype(d[0].scalar_type(), "cg_direction");
+  check_launch(launch_cg_direction(dtype, table.const_data_ptr<int64_t>(), T, chunks, beta_c.const_data_ptr<double>(),
+                                   c10::cuda::getCurrentCUDAStream().stream()),
                "cg_direction");
 }
 
