@@ -28,7 +28,7 @@ BENCH_S=${GPU_CHECK_BENCH_S:-540}
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build tests bench)
 
-if ! gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))"); then
+if ! gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '_'))" 2>/dev/null); then
   echo "gpu_check: no CUDA GPU visible to $PY ($("$PY" -c 'import torch; print("torch", torch.__version__)' 2>&1))"
   exit 1
 fi
@@ -47,7 +47,7 @@ note() { echo "$*" | tee -a "$out/summary.txt"; }
 
 note "== gpu_check $(date -u +%FT%TZ): steps ${steps[*]} on $gpu"
 "$PY" - > "$out/env.json" <<'PY'
-import json, platform, shutil, subprocess
+import json, platform, shutil
 import torch
 info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0), "capability": ".".join(map(str, torch.cuda.get_device_capability(0))),
