@@ -37,10 +37,11 @@ def mlp_hvp(loss_of_embeddings: Callable[[torch.Tensor], torch.Tensor], x: torch
 
 
 # A spawned test that runs past this fails with the ranks still running, instead of stalling the suite
-# (a gloo teardown has deadlocked before). The process group's own timeout is shorter, so a collective
-# that waits on a dead peer raises inside its rank first, with a traceback.
-DISTRIBUTED_DEADLINE_S = 120.0
-PROCESS_GROUP_TIMEOUT_S = 60.0
+# (a gloo teardown has deadlocked before). Generous: on a loaded 2-core machine these tests have taken
+# 110 s. The process group's own timeout is shorter, so a collective that waits on a dead peer raises
+# inside its rank first, with a traceback.
+DISTRIBUTED_DEADLINE_S = 300.0
+PROCESS_GROUP_TIMEOUT_S = 240.0
 
 
 def free_port() -> int:
@@ -61,6 +62,8 @@ def _distributed_entry(rank: int, world_size: int, port: int, fn: Callable[..., 
                             timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
     try:
         fn(rank, world_size, *args)
+        # No rank tears the group down while another still uses it (an early teardown has aborted a peer).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
