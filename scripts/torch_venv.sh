@@ -16,11 +16,13 @@ key=$({ "$PYTHON" --version; printf '%s\n' "${REQS[@]}"; } | sha256sum | cut -c1
 root=${BISSL_FAST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bissl_fast}
 venv=$root/venv-torch$version-$key
 if [ ! -f "$venv/.complete" ]; then
+  start=$SECONDS
   mkdir -p "$root"
   find "$root" -maxdepth 1 -name "venv-torch$version-*" -exec rm -rf {} + >&2
   "$PYTHON" -m venv "$venv" >&2
   "$venv/bin/python" -m pip install -q --upgrade pip >&2
   "$venv/bin/python" -m pip install -q "${REQS[@]}" >&2
   touch "$venv/.complete"
+  echo "== created $venv in $((SECONDS - start)) s ($(du -sh "$venv" | cut -f1))" >&2
 fi
 echo "$venv"
