@@ -53,8 +53,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _distributed_entry(rank: int, world_size: int, port: int, fn: Callable[..., None], args: tuple) -> None:
+def _distributed_entry(rank: int, world_size: int, port: int, done_dir: str, fn: Callable[..., None],
+                       args: tuple) -> None:
     import datetime
+    import os
 
     import torch.distributed as dist
 
@@ -62,6 +64,7 @@ def _distributed_entry(rank: int, world_size: int, port: int, fn: Callable[..., 
                             timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
     try:
         fn(rank, world_size, *args)
+        open(os.path.join(done_dir, str(rank)), "w").close()  # tells a timed-out caller this rank finished fn
         # No rank tears the group down while another still uses it (an early teardown has aborted a peer).
         dist.barrier()
     finally:
@@ -77,22 +80,27 @@ def run_distributed(fn: Callable[..., None], *args, world_size: int = 2,
     process's traceback; ranks still running after ``deadline_s`` seconds are terminated and the
     caller fails naming them.
     """
+    import os
+    import tempfile
     import time
 
     import pytest
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_distributed_entry, args=(world_size, free_port(), fn, args), nprocs=world_size,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + deadline_s
-    try:
-        while not context.join(timeout=1):
-            if time.monotonic() > deadline:
-                hung = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
-                pytest.fail(f"{fn.__name__}: rank(s) {hung} of {world_size} still running after {deadline_s:.0f} s "
-                            "(terminated)")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.terminate()
-                process.join(5)
+    with tempfile.TemporaryDirectory() as done_dir:
+        context = mp.start_processes(_distributed_entry, args=(world_size, free_port(), done_dir, fn, args),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + deadline_s
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+                    hung = [rank for rank in alive if not os.path.exists(os.path.join(done_dir, str(rank)))]
+                    pytest.fail(f"{fn.__name__}: rank(s) {hung} of {world_size} hung in {fn.__name__} (rank(s) "
+                                f"{sorted(set(alive) - set(hung))} waiting in teardown) after {deadline_s:.0f} s; "
+                                "terminated")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+                    process.join(5)
