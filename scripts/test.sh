@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh) and run every check that runs without a GPU:
-#   1. nvcc compile check of csrc/**/*.cu for sm_80 and sm_90 (when nvcc is present),
+#   1. nvcc compile check of each csrc/**/*.cu alone for sm_80 and sm_90 (when nvcc is present; no
+#      torch headers, which keeps the kernel files torch-free),
 #   2. the C++ tests of the shared host/device math headers (cmake + ctest),
-#   3. the Triton kernels on CPU tensors (TRITON_INTERPRET=1, tests marked `triton`),
-#   4. the main suite (everything not marked `triton` or `cuda`).
+#   3. the Triton kernels on CPU tensors (TRITON_INTERPRET=1, tests marked `triton`; needs numpy<2.4),
+#   4. the main suite (everything not marked `triton` or `cuda`), 3 and 4 by scripts/run_pytest.sh.
+# The CUDA-marked tests and the compiled Triton kernels run on a GPU machine: benchmarks/gpu_check.sh.
+# The full extension build with the CUDA kernels, and the oldest supported torch, are
+# scripts/test_torch_range.sh (CI runs both).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -34,10 +38,6 @@ else
   echo "cmake not found"; status=1
 fi
 
-echo "== Triton kernels under TRITON_INTERPRET=1"
-TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider -m "triton and not cuda" tests || status=1
-
-echo "== main suite"
-"$PY" -m pytest -q -p no:cacheprovider -m "not triton and not cuda" tests || status=1
+bash scripts/run_pytest.sh "$PY" || status=1
 
 exit $status

@@ -72,7 +72,16 @@ def mlp_hvp(loss_of_embeddings: Callable[[torch.Tensor], torch.Tensor], x: torch
     return torch.autograd.grad(grads, params, vec)
 
 
+# A spawned test that runs past this fails with the ranks still running, instead of stalling the suite
+# (a gloo teardown has deadlocked before). Generous: on a loaded 2-core machine these tests have taken
+# 110 s. The process group's own timeout is shorter, so a collective that waits on a dead peer raises
+# inside its rank first, with a traceback.
+DISTRIBUTED_DEADLINE_S = 300.0
+PROCESS_GROUP_TIMEOUT_S = 240.0
+
+
 def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for the process group's rendezvous)."""
     import socket
 
     with socket.socket() as sock:
@@ -80,23 +89,54 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _distributed_entry(rank: int, world_size: int, port: int, fn, args) -> None:
+def _distributed_entry(rank: int, world_size: int, port: int, done_dir: str, fn: Callable[..., None],
+                       args: tuple) -> None:
+    import datetime
+    import os
+
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=__import__("datetime").timedelta(seconds=60))
+                            timeout=datetime.timedelta(seconds=PROCESS_GROUP_TIMEOUT_S))
     try:
         fn(rank, world_size, *args)
+        open(os.path.join(done_dir, str(rank)), "w").close()  # tells a timed-out caller this rank finished fn
+        # No rank tears the group down while another still uses it (an early teardown has aborted a peer).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
-def run_distributed(fn, *args, world_size: int = 2) -> None:
+def run_distributed(fn: Callable[..., None], *args, world_size: int = 2,
+                    deadline_s: float = DISTRIBUTED_DEADLINE_S) -> None:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` spawned processes joined by a gloo group.
 
     ``fn`` must be a module-level function (it is pickled); it asserts inside and may write results
-    to files under a tmp path passed in ``args``. A failure in any process fails the caller.
+    to files under a tmp path passed in ``args``. A failure in any process fails the caller with that
+    process's traceback; ranks still running after ``deadline_s`` seconds are terminated and the
+    caller fails naming them.
     """
+    import os
+    import tempfile
+    import time
+
+    import pytest
     import torch.multiprocessing as mp
 
-    mp.spawn(_distributed_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
+    with tempfile.TemporaryDirectory() as done_dir:
+        context = mp.start_processes(_distributed_entry, args=(world_size, free_port(), done_dir, fn, args),
+                                     nprocs=world_size, join=False, start_method="spawn")
+        deadline = time.monotonic() + deadline_s
+        try:
+            while not context.join(timeout=1):
+                if time.monotonic() > deadline:
+                    alive = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+                    hung = [rank for rank in alive if not os.path.exists(os.path.join(done_dir, str(rank)))]
+                    pytest.fail(f"{fn.__name__}: rank(s) {hung} of {world_size} hung in {fn.__name__} (rank(s) "
+                                f"{sorted(set(alive) - set(hung))} waiting in teardown) after {deadline_s:.0f} s; "
+                                "terminated")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.terminate()
+                    process.join(5)

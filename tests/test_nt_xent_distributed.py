@@ -6,25 +6,14 @@ gets ``world_size`` times its slice of the single-process result; DDP's averagin
 """
 from __future__ import annotations
 
-import datetime
-import socket
-import time
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers import run_distributed
 
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
-TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _own_rows(n_global: int, views: int, rank: int) -> torch.Tensor:
@@ -41,7 +30,7 @@ def _grad_and_hvp(loss_fn, z, v):
     return loss.detach(), grad.detach(), hvp
 
 
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, world_size: int) -> None:
     import importlib
 
     from helpers import rel_err
@@ -50,45 +39,31 @@ def _worker(rank: int, port: int) -> None:
 
     nt_xent = importlib.import_module("bissl_fast.ops.nt_xent").nt_xent
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+    for views, b, d, tau in ((2, 5, 7, 0.3), (3, 4, 6, 0.1)):
+        gen = torch.Generator().manual_seed(views)
+        z_global = torch.randn(views * WORLD * b, d, generator=gen, dtype=torch.float64)
+        v_global = torch.randn(z_global.shape, generator=gen, dtype=torch.float64)
+        rows = _own_rows(z_global.shape[0], views, rank)
+
+        def loss_fn(z, views=views, tau=tau):
+            return nt_xent(z, temperature=tau, views=views, backend="torch", gather=True)
+
+        loss, grad, hvp = _grad_and_hvp(loss_fn, z_global[rows], v_global[rows])
+        ref = _grad_and_hvp(
+            lambda z, views=views, tau=tau: reference.nt_xent(z, temperature=tau, views=views), z_global, v_global
+        )
+        assert rel_err(loss, ref[0]) < 1e-12, (rank, views, "loss")
+        assert rel_err(grad, WORLD * ref[1][rows]) < 1e-12, (rank, views, "grad")
+        assert rel_err(hvp, WORLD * ref[2][rows]) < 1e-12, (rank, views, "hvp")
+
+    bad = torch.randn(4 + 2 * rank, 3, dtype=torch.float64)
     try:
-        for views, b, d, tau in ((2, 5, 7, 0.3), (3, 4, 6, 0.1)):
-            gen = torch.Generator().manual_seed(views)
-            z_global = torch.randn(views * WORLD * b, d, generator=gen, dtype=torch.float64)
-            v_global = torch.randn(z_global.shape, generator=gen, dtype=torch.float64)
-            rows = _own_rows(z_global.shape[0], views, rank)
-
-            def loss_fn(z, views=views, tau=tau):
-                return nt_xent(z, temperature=tau, views=views, backend="torch", gather=True)
-
-            loss, grad, hvp = _grad_and_hvp(loss_fn, z_global[rows], v_global[rows])
-            ref = _grad_and_hvp(
-                lambda z, views=views, tau=tau: reference.nt_xent(z, temperature=tau, views=views), z_global, v_global
-            )
-            assert rel_err(loss, ref[0]) < 1e-12, (rank, views, "loss")
-            assert rel_err(grad, WORLD * ref[1][rows]) < 1e-12, (rank, views, "grad")
-            assert rel_err(hvp, WORLD * ref[2][rows]) < 1e-12, (rank, views, "hvp")
-
-        bad = torch.randn(4 + 2 * rank, 3, dtype=torch.float64)
-        try:
-            nt_xent(bad, gather=True)
-        except ValueError as exc:
-            assert "same z shape on every rank" in str(exc)
-        else:
-            raise AssertionError("mismatched shapes across ranks did not raise")
-    finally:
-        dist.destroy_process_group()
+        nt_xent(bad, gather=True)
+    except ValueError as exc:
+        assert "same z shape on every rank" in str(exc)
+    else:
+        raise AssertionError("mismatched shapes across ranks did not raise")
 
 
 def test_gather_matches_single_process_loss_grad_and_hvp():
-    context = mp.start_processes(_worker, args=(_free_port(),), nprocs=WORLD, join=False, start_method="spawn")
-    deadline = time.monotonic() + TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                if process.is_alive():
-                    process.terminate()
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
+    run_distributed(_worker, world_size=WORLD)

@@ -6,34 +6,18 @@ gradient equals bissl_fast.reference.implicit_grad run under the same process gr
 """
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import time
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from helpers import run_distributed
 
 WORLD = 2
-TIMEOUT_S = 120
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, port: int) -> None:
+def _worker(rank: int, world_size: int) -> None:
     torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        _check(rank)
-    finally:
-        dist.destroy_process_group()
+    _check(rank)
 
 
 def _check(rank: int) -> None:
@@ -89,13 +73,4 @@ def _check(rank: int) -> None:
 def test_two_rank_products_and_implicit_gradient():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    ctx = mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
-    try:
-        while not ctx.join(timeout=1):
-            if time.monotonic() > deadline:
-                pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    run_distributed(_worker, world_size=WORLD)

@@ -8,18 +8,15 @@ single-process stage exactly, up to floating-point summation order (float64 here
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
-import time
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from bissl_fast.data import TensorLoader, load_digits
 from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer
+from helpers import run_distributed
 
 WORLD = 2
 PER_RANK = 8
@@ -72,35 +69,16 @@ def _run(pretext: str, rank: int, world: int) -> list[torch.Tensor]:
     return _params(lower, upper)
 
 
-def _worker(rank: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world_size: int, out_dir: str) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        for pretext in ("simclr", "byol"):
-            torch.save(_run(pretext, rank, WORLD), os.path.join(out_dir, f"{pretext}_{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for pretext in ("simclr", "byol"):
+        torch.save(_run(pretext, rank, world_size), os.path.join(out_dir, f"{pretext}_{rank}.pt"))
 
 
 @pytest.mark.distributed
 def test_two_processes_equal_one_process():
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_worker, args=(_free_port(), out_dir), nprocs=WORLD, join=False, start_method="spawn")
-        deadline = time.monotonic() + 120
-        try:
-            while not ctx.join(timeout=1):
-                if time.monotonic() > deadline:
-                    pytest.fail("the 2-process BiSSL run did not finish within 120 s")
-        finally:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
+        run_distributed(_worker, out_dir, world_size=WORLD)
         previous = torch.get_num_threads()
         torch.set_num_threads(1)
         try:

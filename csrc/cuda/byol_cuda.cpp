@@ -1,5 +1,5 @@
 // CUDA implementations of the BYOL row ops (schemas in csrc/cpu/byol_cpu.cpp): input checks,
-// output allocation and launches of the kernels in byol_cuda.cu on the current stream.
+// output allocation and launches of the kernels in byol_cuda_kernels.cu on the current stream.
 // Compiled only in CUDA builds (setup.py adds csrc/cuda/ with -DBISSL_FAST_WITH_CUDA=1).
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -10,35 +10,13 @@
 #include <cuda_runtime.h>
 
 #include "../byol_checks.h"
+#include "../cuda_dtype.h"
 #include "../output_alloc.h"
 
 namespace bissl_fast {
 namespace byol_cuda {
 
-// Defined in byol_cuda.cu (a signature mismatch is a link error: the names are C++-mangled).
-enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
-cudaError_t fwd(DType dtype, const void* p, const void* t, void* out, int64_t B, int64_t D, cudaStream_t stream);
-cudaError_t bwd(DType dtype, const void* g, const void* p, const void* t, void* dp, void* dt, int64_t B, int64_t D,
-                cudaStream_t stream);
-cudaError_t hvp(DType dtype, const void* g, const void* p, const void* t, const void* wp, const void* wt, void* dg,
-                void* dp, void* dt, int64_t B, int64_t D, cudaStream_t stream);
-
 namespace {
-
-DType dtype_of(const at::Tensor& x, const char* op) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat;
-    case at::kDouble:
-      return DType::kDouble;
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, op, ": expected float32/float64/float16/bfloat16, got ", x.scalar_type());
-  }
-}
 
 using byol_checks::check_grad;
 using byol_checks::check_like;
@@ -50,7 +28,8 @@ at::Tensor byol_fwd_cuda(const at::Tensor& p_in, const at::Tensor& t_in) {
   const auto p = p_in.contiguous(), t = t_in.contiguous();
   const int64_t B = p.size(0), D = p.size(1);
   auto out = empty_output({B}, p.options());
-  C10_CUDA_CHECK(fwd(dtype_of(p, "byol_fwd"), p.const_data_ptr(), t.const_data_ptr(), out.mutable_data_ptr(), B, D,
+  const DType dtype = cuda_dtype(p.scalar_type(), "byol_fwd");
+  C10_CUDA_CHECK(fwd(dtype, p.const_data_ptr(), t.const_data_ptr(), out.mutable_data_ptr(), B, D,
                      c10::cuda::getCurrentCUDAStream()));
   return out;
 }
@@ -64,7 +43,8 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd_cuda(const at::Tensor& grad_in, cons
   const int64_t B = p.size(0), D = p.size(1);
   auto dp = empty_output_like(p);
   auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
-  C10_CUDA_CHECK(bwd(dtype_of(p, "byol_bwd"), grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
+  const DType dtype = cuda_dtype(p.scalar_type(), "byol_bwd");
+  C10_CUDA_CHECK(bwd(dtype, grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
                      dp.mutable_data_ptr(), t_grad ? dt.mutable_data_ptr() : nullptr, B, D,
                      c10::cuda::getCurrentCUDAStream()));
   return {dp, dt};
@@ -84,7 +64,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cuda(const at::Tensor& g
   auto dgrad = empty_output({B}, p.options());
   auto dp = empty_output_like(p);
   auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
-  C10_CUDA_CHECK(hvp(dtype_of(p, "byol_hvp"), grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
+  const DType dtype = cuda_dtype(p.scalar_type(), "byol_hvp");
+  C10_CUDA_CHECK(hvp(dtype, grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
                      wp.const_data_ptr(), wt.defined() ? wt.const_data_ptr() : nullptr, dgrad.mutable_data_ptr(),
                      dp.mutable_data_ptr(), t_grad ? dt.mutable_data_ptr() : nullptr, B, D,
                      c10::cuda::getCurrentCUDAStream()));

@@ -1,4 +1,4 @@
-// Torch glue of the CUDA CG vector kernels (csrc/cuda/cg_cuda.cu); compiled only in CUDA builds.
+// Torch glue of the CUDA CG vector kernels (csrc/cuda/cg_cuda_kernels.cu); compiled only in CUDA builds.
 // Validates the lists (same checks as the CPU ops), builds the device table of chunk starts,
 // sizes and data pointers (one pinned host buffer, one async copy on the current stream), and
 // calls the launchers. Schemas and semantics: csrc/cpu/cg_cpu.cpp.
@@ -11,44 +11,25 @@
 #include <utility>
 #include <vector>
 
+#include "../cg_checks.h"
+#include "../cuda_dtype.h"
 #include "../output_alloc.h"
 #include "bissl_fast/cg_math.h"
 
 namespace bissl_fast {
 namespace cg {
 
-// Defined in csrc/cpu/cg_cpu.cpp (linked into the same extension).
-void check_lists(const char* op, const std::vector<std::pair<const char*, at::TensorList>>& lists);
-void check_scalars(const char* op, const char* name, const at::Tensor& s, at::TensorList like);
-std::vector<int64_t> chunk_starts(at::TensorList ts);
-
-// Defined in csrc/cuda/cg_cuda.cu.
-cudaError_t launch_cg_dot(int dtype, const int64_t* table, int64_t T, int64_t chunks, double* partials,
-                          unsigned int* ticket, double* out, cudaStream_t stream);
-cudaError_t launch_cg_update(int dtype, const int64_t* table, int64_t T, int64_t chunks, const double* alpha,
-                             double* partials, unsigned int* ticket, double* out, cudaStream_t stream);
-cudaError_t launch_cg_direction(int dtype, const int64_t* table, int64_t T, int64_t chunks, const double* beta,
-                                cudaStream_t stream);
+using cg_checks::check_lists;
+using cg_checks::check_scalars;
+using cg_checks::chunk_starts;
 
 namespace {
-
-int dtype_code(at::ScalarType s) {
-  switch (s) {
-    case at::kFloat: return 0;
-    case at::kDouble: return 1;
-    case at::kHalf: return 2;
-    case at::kBFloat16: return 3;
-    default: break;
-  }
-  TORCH_CHECK(false, "CG kernels support float32/float64/float16/bfloat16, got ", s);
-  return -1;
-}
 
 void check_launch(cudaError_t err, const char* op) {
   TORCH_CHECK(err == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(err));
 }
 
-// Device table (layout in cg_cuda.cu): chunk_starts[T+1], numel[T], then T pointers per list.
+// Device table (layout in cg_cuda_kernels.cu): chunk_starts[T+1], numel[T], then T pointers per list.
 at::Tensor device_table(const std::vector<at::TensorList>& lists, const std::vector<int64_t>& starts) {
   const int64_t T = static_cast<int64_t>(lists[0].size());
   const int64_t words = 2 * T + 1 + static_cast<int64_t>(lists.size()) * T;
@@ -85,7 +66,7 @@ at::Tensor cg_dot_cuda(at::TensorList a, at::TensorList b) {
   if (chunks == 0) return at::zeros({T}, a[0].options().dtype(at::kDouble));
   const auto table = device_table({a, b}, starts);
   auto s = scratch(a[0], chunks, T);
-  check_launch(launch_cg_dot(dtype_code(a[0].scalar_type()), table.const_data_ptr<int64_t>(), T, chunks,
+  check_launch(launch_cg_dot(cuda_dtype(a[0].scalar_type(), "cg_dot"), table.const_data_ptr<int64_t>(), T, chunks,
                              s.partials.data_ptr<double>(), reinterpret_cast<unsigned int*>(s.ticket.data_ptr<int>()),
                              s.out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()),
                "cg_dot");
@@ -103,7 +84,7 @@ at::Tensor cg_update_cuda(at::TensorList x, at::TensorList r, at::TensorList d, 
   const auto table = device_table({x, r, d, ad}, starts);
   const auto alpha_c = alpha.contiguous();
   auto s = scratch(x[0], chunks, T);
-  check_launch(launch_cg_update(dtype_code(x[0].scalar_type()), table.const_data_ptr<int64_t>(), T, chunks,
+  check_launch(launch_cg_update(cuda_dtype(x[0].scalar_type(), "cg_update"), table.const_data_ptr<int64_t>(), T, chunks,
                                 alpha_c.const_data_ptr<double>(), s.partials.data_ptr<double>(),
                                 reinterpret_cast<unsigned int*>(s.ticket.data_ptr<int>()), s.out.data_ptr<double>(),
                                 c10::cuda::getCurrentCUDAStream().stream()),
@@ -120,8 +101,9 @@ void cg_direction_cuda(at::TensorList d, at::TensorList r, const at::Tensor& bet
   if (chunks == 0) return;
   const auto table = device_table({d, r}, starts);
   const auto beta_c = beta.contiguous();
-  check_launch(launch_cg_direction(dtype_code(d[0].scalar_type()), table.const_data_ptr<int64_t>(), T, chunks,
-                                   beta_c.const_data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()),
+  const DType dtype = cuda_dtype(d[0].scalar_type(), "cg_direction");
+  check_launch(launch_cg_direction(dtype, table.const_data_ptr<int64_t>(), T, chunks, beta_c.const_data_ptr<double>(),
+                                   c10::cuda::getCurrentCUDAStream().stream()),
                "cg_direction");
 }
 

@@ -1,5 +1,5 @@
 // Element math and work decomposition of the fused multi-tensor CG vector updates (DESIGN §2.3),
-// shared by the CPU kernel (csrc/cpu/cg_cpu.cpp), the CUDA kernels (csrc/cuda/cg_cuda.cu) and the
+// shared by the CPU kernel (csrc/cpu/cg_cpu.cpp), the CUDA kernels (csrc/cuda/cg_cuda_kernels.cu) and the
 // C++ test (csrc/tests/test_cg_math.cpp).
 //
 // One CG iteration over T tensors (x, r, d owned by the solver, ad = A d from the matvec), with

@@ -1,5 +1,5 @@
 // CUDA kernels of the fused multi-tensor CG vector updates (DESIGN §2.3): ONE launch per vector
-// op over all T tensors. Only CUDA headers and bissl_fast/cg_math.h here (this file compiles with
+// op over all T tensors. Only CUDA headers and our torch-free headers here (this file compiles with
 // nvcc on machines without torch's CUDA headers); the torch glue is csrc/cuda/cg_cuda.cpp.
 //
 // Tensor lists travel as a device table of int64 words (apex multi_tensor_apply style, but the
@@ -20,6 +20,7 @@
 #include <cstdint>
 
 #include "bissl_fast/cg_math.h"
+#include "bissl_fast/cuda_launchers.h"
 
 namespace bissl_fast {
 namespace cg {
@@ -142,16 +143,15 @@ __global__ void __launch_bounds__(kThreads) direction_kernel(const int64_t* tabl
   }
 }
 
-// dtype codes shared with the glue: 0 float32, 1 float64, 2 float16, 3 bfloat16.
 template <template <typename> class Launch, typename... Args>
-cudaError_t dispatch(int dtype, Args... args) {
+cudaError_t dispatch(DType dtype, Args... args) {
   switch (dtype) {
-    case 0: return Launch<float>::run(args...);
-    case 1: return Launch<double>::run(args...);
-    case 2: return Launch<__half>::run(args...);
-    case 3: return Launch<__nv_bfloat16>::run(args...);
-    default: return cudaErrorInvalidValue;
+    case DType::kFloat: return Launch<float>::run(args...);
+    case DType::kDouble: return Launch<double>::run(args...);
+    case DType::kHalf: return Launch<__half>::run(args...);
+    case DType::kBFloat16: return Launch<__nv_bfloat16>::run(args...);
   }
+  return cudaErrorInvalidValue;
 }
 
 template <typename S>
@@ -187,19 +187,18 @@ struct DirectionLaunch {
 
 }  // namespace
 
-// Host launchers called by csrc/cuda/cg_cuda.cpp. `table` is the device table described above,
-// `chunks` = table[T]; `partials` holds `chunks` doubles and `ticket` one unsigned int (scratch).
-cudaError_t launch_cg_dot(int dtype, const int64_t* table, int64_t T, int64_t chunks, double* partials,
+// Host launchers declared in bissl_fast/cuda_launchers.h, called by csrc/cuda/cg_cuda.cpp.
+cudaError_t launch_cg_dot(DType dtype, const int64_t* table, int64_t T, int64_t chunks, double* partials,
                           unsigned int* ticket, double* out, cudaStream_t stream) {
   return dispatch<DotLaunch>(dtype, table, T, chunks, partials, ticket, out, stream);
 }
 
-cudaError_t launch_cg_update(int dtype, const int64_t* table, int64_t T, int64_t chunks, const double* alpha,
+cudaError_t launch_cg_update(DType dtype, const int64_t* table, int64_t T, int64_t chunks, const double* alpha,
                              double* partials, unsigned int* ticket, double* out, cudaStream_t stream) {
   return dispatch<UpdateLaunch>(dtype, table, T, chunks, alpha, partials, ticket, out, stream);
 }
 
-cudaError_t launch_cg_direction(int dtype, const int64_t* table, int64_t T, int64_t chunks, const double* beta,
+cudaError_t launch_cg_direction(DType dtype, const int64_t* table, int64_t T, int64_t chunks, const double* beta,
                                 cudaStream_t stream) {
   return dispatch<DirectionLaunch>(dtype, table, T, chunks, beta, stream);
 }

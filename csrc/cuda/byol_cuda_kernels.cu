@@ -6,7 +6,8 @@
 // and fp64 for double.
 //
 // Includes only CUDA headers and our math headers (no torch), so it compiles with plain nvcc;
-// the torch-facing launch glue is csrc/cuda/byol_cuda.cpp.
+// the torch-facing launch glue is csrc/cuda/byol_cuda.cpp, the interface
+// bissl_fast/cuda_launchers.h.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -14,11 +15,10 @@
 #include <cstdint>
 
 #include "bissl_fast/byol_math.h"
+#include "bissl_fast/cuda_launchers.h"
 
 namespace bissl_fast {
 namespace byol_cuda {
-
-enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
 
 namespace {
 

@@ -1,0 +1,44 @@
+// Host launchers of the CUDA kernels (csrc/cuda/*_cuda_kernels.cu) and the dtype tag they
+// dispatch on: the one interface between the torch glue (csrc/cuda/*_cuda.cpp) and the kernels.
+// Torch-free, so every kernel file still compiles with plain nvcc; both sides include this header,
+// so a signature mismatch is a compile error rather than a link error.
+//
+// Every launcher enqueues on `stream`, returns the launch status (it never synchronizes), and
+// returns cudaErrorInvalidValue for a dtype it does not handle.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace bissl_fast {
+
+// Element type of a kernel's tensors; the glue maps at::ScalarType onto it (csrc/cuda_dtype.h).
+enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
+
+namespace byol_cuda {
+
+// BYOL row ops on row-major [B, D] inputs (csrc/cpu/byol_cpu.cpp has the op contract). `dt` may be
+// null (targets without gradient); so may `wt` (a zero cotangent).
+cudaError_t fwd(DType dtype, const void* p, const void* t, void* out, int64_t B, int64_t D, cudaStream_t stream);
+cudaError_t bwd(DType dtype, const void* g, const void* p, const void* t, void* dp, void* dt, int64_t B, int64_t D,
+                cudaStream_t stream);
+cudaError_t hvp(DType dtype, const void* g, const void* p, const void* t, const void* wp, const void* wt, void* dg,
+                void* dp, void* dt, int64_t B, int64_t D, cudaStream_t stream);
+
+}  // namespace byol_cuda
+
+namespace cg {
+
+// Fused multi-tensor CG vector ops over T tensors. `table` is the device table laid out in
+// cg_cuda_kernels.cu, `chunks` = table[T]; `partials` holds `chunks` doubles and `ticket` one
+// unsigned int (scratch); `out`, `alpha` and `beta` are float64 [T] on the device.
+cudaError_t launch_cg_dot(DType dtype, const int64_t* table, int64_t T, int64_t chunks, double* partials,
+                          unsigned int* ticket, double* out, cudaStream_t stream);
+cudaError_t launch_cg_update(DType dtype, const int64_t* table, int64_t T, int64_t chunks, const double* alpha,
+                             double* partials, unsigned int* ticket, double* out, cudaStream_t stream);
+cudaError_t launch_cg_direction(DType dtype, const int64_t* table, int64_t T, int64_t chunks, const double* beta,
+                                cudaStream_t stream);
+
+}  // namespace cg
+}  // namespace bissl_fast

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The two pytest passes of the CPU suite, run by the interpreter PY (default: the dev venv's):
+#   1. the Triton kernels on CPU tensors (TRITON_INTERPRET=1, tests marked `triton`; the interpreter
+#      needs numpy<2.4, so this pass runs only on CPU machines: on a GPU the same tests run compiled,
+#      from benchmarks/gpu_check.sh, with whatever numpy is there),
+#   2. the main suite (everything not marked `triton` or `cuda`).
+# Runs in the current folder, so a caller can put its own build of bissl_fast first on sys.path.
+# Usage: bash scripts/run_pytest.sh [PY]
+set -uo pipefail
+tests="$(cd "$(dirname "$0")/../tests" && pwd)"
+PY=${1:-${BISSL_FAST_VENV:-.venv}/bin/python}
+status=0
+echo "== Triton kernels under TRITON_INTERPRET=1 ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
+TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider -m "triton and not cuda" "$tests" || status=1
+echo "== main suite"
+"$PY" -m pytest -q -p no:cacheprovider -m "not triton and not cuda" "$tests" || status=1
+exit $status

@@ -1,0 +1,65 @@
+"""setup.py's early, one-line failures and its CUDA toolkit lookup, without compiling anything."""
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _setup_functions() -> dict:
+    """setup.py's module-level definitions, without running its setup() call."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    runs = ("setup(", "_extensions()", "_check_wheel_support()")
+    tree.body = [node for node in tree.body if not any(call in ast.unparse(node) for call in runs)
+                 or isinstance(node, ast.FunctionDef)]
+    namespace = {"__file__": str(ROOT / "setup.py")}
+    exec(compile(tree, "setup.py", "exec"), namespace)
+    return namespace
+
+
+def test_two_sources_with_one_stem_stop_the_build_in_one_line(tmp_path):
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    shutil.copytree(ROOT / "csrc", tmp_path / "csrc")
+    (tmp_path / "csrc" / "cuda" / "clash_cuda.cpp").write_text("")
+    (tmp_path / "csrc" / "cuda" / "clash_cuda.cu").write_text("")
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("bissl_fast build: csrc/cuda/clash_cuda.cpp and csrc/cuda/clash_cuda.cu compile to the "
+                               "same object"), lines[0]
+
+
+def test_torch_range_matches_pyproject():
+    low, high = _setup_functions()["TORCH_RANGE"]
+    deps = re.search(r'^dependencies = \[(.*)\]$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
+    assert f'"torch>={low},<{high}"' in deps, deps
+
+
+def test_cuda_home_found_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
+    real_nvcc = shutil.which("nvcc")
+    if real_nvcc is None:
+        pytest.skip("no nvcc on this machine")
+    setup = _setup_functions()
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    toolkit = setup["_find_cuda_home"]()
+    assert (Path(toolkit) / "include" / "cuda_runtime.h").is_file()
+    wrapper = tmp_path / "bin" / "nvcc"  # like the machine's /usr/local/bin/nvcc: its parent is no toolkit
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {Path(toolkit) / "bin" / "nvcc"} "$@"\n')
+    wrapper.chmod(wrapper.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
+    assert shutil.which("nvcc") == str(wrapper)
+    assert setup["_find_cuda_home"]() == toolkit
