@@ -42,7 +42,8 @@ assert bissl_fast.__file__.startswith(lib), f"imported {bissl_fast.__file__}, no
 print(f"imported {C.__file__} with torch {torch.__version__}: cuda_compiled() = {C.cuda_compiled()}")
 assert C.cuda_compiled() == want_cuda, "cuda_compiled() does not match the build"
 if want_cuda:
-    ops = ("byol_fwd", "byol_bwd", "byol_hvp", "cg_dot", "cg_update", "cg_direction")
+    ops = ("byol_fwd", "byol_bwd", "byol_hvp", "cg_dot", "cg_update", "cg_direction",
+           "batch_norm_fwd", "batch_norm_bwd", "batch_norm_dbwd")
     missing = [op for op in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"bissl_fast::{op}", "CUDA")]
     assert not missing, f"no CUDA kernel registered for {missing}"
     print("CUDA kernels registered for", ", ".join(ops))
