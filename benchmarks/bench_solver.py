@@ -107,7 +107,7 @@ def test_upper_stage(benchmark_op, bench_device, backbone, batch, res, loss, pro
         provider=provider, mode=f"{SOLVES}x{CG_ITERS}cg",
         size={"model": backbone, "B": batch, "HW": res, "P": n_params}, dtype=torch.float32, device=bench_device,
         reference=None if provider == "reference" else lambda: _stage("reference", loss_fn, modules, params, vs, damping),
-        rounds=3, ratio_min_rounds=8, ratio_max_time_s=60.0,
+        rounds=3, ratio_min_rounds=6, ratio_max_time_s=30.0,
     )
 
 

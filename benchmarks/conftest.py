@@ -105,7 +105,7 @@ def benchmark_op(benchmark) -> Callable[..., Any]:
         bytes_moved: float | None = None,
         rounds: int | None = None,
         ratio_min_rounds: int = 10,
-        ratio_max_time_s: float = 30.0,
+        ratio_max_time_s: float = 10.0,
     ) -> Any:
         """Time ``fn`` with pytest-benchmark; with ``reference``, also the interleaved speedup over it.
 
@@ -135,7 +135,7 @@ def benchmark_op(benchmark) -> Callable[..., Any]:
         if reference is not None:
             ratio = interleaved_ratio(
                 lambda i: reference(*inputs[i % len(inputs)]), lambda i: fn(*inputs[i % len(inputs)]),
-                device=device, min_rounds=ratio_min_rounds, max_time_s=ratio_max_time_s,
+                device=device, warmup_rounds=1, min_rounds=ratio_min_rounds, max_time_s=ratio_max_time_s,
             )
         floor_s = measure_floor(floor, device, dtype) if floor is not None else None
         if rounds is None:
