@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ._timing import calibrate, machine_load, percentile
+from ._timing import best_time, calibrate, machine_load, percentile
 
 DEFAULT_SUITE_DIR = Path(__file__).resolve().parent / "benchmarks"
 README_START = "<!-- bench-cpu:start"
@@ -52,8 +52,6 @@ def measure_ceilings(device: torch.device) -> dict[str, float]:
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device)
     b = torch.randn(n, n, device=device)
-    from ._timing import best_time
-
     copy_s = best_time(lambda: dst.copy_(src), device, rounds=5)
     mm_s = best_time(lambda: torch.mm(a, b), device, rounds=5)
     return {"copy_bytes_per_s": 2 * big * 4 / copy_s, "matmul_flops_per_s": 2 * n ** 3 / mm_s}
@@ -344,6 +342,10 @@ def run_bench(
             raise BenchError(f"no suite name contains {select!r}")
     if threads is not None and threads < 1:
         raise BenchError(f"--threads must be >= 1, got {threads}")
+    if update_readme_path is not None:
+        if not Path(update_readme_path).is_file():
+            raise BenchError(f"--update-readme: {update_readme_path} does not exist")
+        readme_block_source(Path(update_readme_path).read_text())  # fail now, not after the run
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)

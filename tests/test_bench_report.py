@@ -93,6 +93,9 @@ def test_bench_cli_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, c
     assert code == 2 and err.count("\n") == 1 and "benchmark suites not found" in err and "Traceback" not in err
     code, err = _run_cli(["--device", "tpu", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and err.count("\n") == 1 and "--device must be cpu or cuda" in err
+    (tmp_path / "notes.md").write_text("no generated block here\n")
+    code, err = _run_cli(["--update-readme", str(tmp_path / "notes.md"), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and err.count("\n") == 1 and "block" in err  # checked before any suite runs
     (tmp_path / "empty").mkdir()
     code, err = _run_cli(["--suite-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "no bench_*.py suites" in err
