@@ -26,7 +26,8 @@ class _Parser(argparse.ArgumentParser):
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     from .bench_report import DEFAULT_SUITE_DIR, run_bench
 
-    return run_bench(args.out, args.suite_dir or DEFAULT_SUITE_DIR, args.select, args.device, args.max_time)
+    return run_bench(args.out, args.suite_dir or DEFAULT_SUITE_DIR, args.select, args.device, args.max_time,
+                     args.threads, args.update_readme)
 
 
 def _parser() -> _Parser:
@@ -35,10 +36,12 @@ def _parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = sub.add_parser("bench", help="run the benchmark suites for this device and write a report")
     bench.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (JSON, Markdown, PNG)")
-    bench.add_argument("--suite-dir", type=Path, default=None, help="folder holding bench_*.py (default: the checkout's benchmarks/)")
+    bench.add_argument("--suite-dir", type=Path, default=None, help="folder holding bench_*.py (default: the suites shipped in bissl_fast/benchmarks)")
     bench.add_argument("--select", default=None, help="only suites whose file stem contains this string")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark (pytest-benchmark max_time)")
+    bench.add_argument("--threads", type=int, default=None, help="intra-op threads for every suite (default: torch's)")
+    bench.add_argument("--update-readme", type=Path, default=None, help="then regenerate this README's benchmark block from the results")
     bench.set_defaults(run=_bench)
     # Commands that parse their own arguments: "module:function" called with the rest of the line.
     sub.add_parser("demo", help="replicated experiment: BiSSL vs compute-matched continued pretext training, with statistics", add_help=False).set_defaults(entry="bissl_fast.demo:main")
