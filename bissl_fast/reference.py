@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for every op (DESIGN.md §2).
+"""Plain-PyTorch references for every op (docs/design.md §2).
 
 These are the baselines that every fast path is validated and benchmarked against. They follow
 the paper's implementation: NT-Xent materializes the ``N x N`` logits, the HVP recomputes the
@@ -122,7 +122,7 @@ def cg_solve(
     iters: int = 5,
     layerwise: bool = True,
 ) -> Tensors:
-    """Conjugate gradient for ``A x = b`` from ``x0 = 0``, the paper's numerics (DESIGN §2.3).
+    """Conjugate gradient for ``A x = b`` from ``x0 = 0``, the paper's numerics (docs/design.md §2.3).
 
     ``b`` is a tuple of tensors; ``matvec`` maps such a tuple to ``A`` applied to it. ``layerwise``
     runs separate ``alpha``/``beta`` per tensor; otherwise one pair for the concatenated vector.

@@ -1,4 +1,4 @@
-"""The BiSSL bilevel stage (DESIGN §2.4): alternating pretext (lower) and downstream (upper) training.
+"""The BiSSL bilevel stage (docs/design.md §2.4): alternating pretext (lower) and downstream (upper) training.
 
 One *stage* (the paper's "epoch") is
 
@@ -156,7 +156,7 @@ def _nt_xent(z: torch.Tensor, temperature: float, views: int, backend: str) -> t
 
 
 def _byol_loss(p1: torch.Tensor, p2: torch.Tensor, t1: torch.Tensor, t2: torch.Tensor, backend: str) -> torch.Tensor:
-    """Fused BYOL loss (DESIGN §2.2) of the two symmetric view pairs."""
+    """Fused BYOL loss (docs/design.md §2.2) of the two symmetric view pairs."""
     from .ops.byol import byol_loss
 
     return byol_loss(p1, p2, t1, t2, backend=backend)
@@ -177,7 +177,7 @@ def _module_attr(model: nn.Module, attr: str, model_name: str, hint: str) -> nn.
 
 
 class BiSSLTrainer:
-    """Bilevel (BiSSL) training of a pretext model and a downstream model (DESIGN §2.4).
+    """Bilevel (BiSSL) training of a pretext model and a downstream model (docs/design.md §2.4).
 
     Args:
         lower_model: pretext model with ``.backbone`` and ``.head`` (projector); for BYOL also

@@ -47,7 +47,7 @@ def test_fp32_matches_fp64_reference(blocks, n, d, views, tau):
     ref32 = loss_grad_hvp(lambda x: reference.nt_xent(x, temperature=tau, views=views), z, g, v)
     assert out[0].dtype == torch.float32
     for name, o, r, r32 in zip(LOSS_GRAD_HVP, out, ref, ref32):
-        # 1e-5 (DESIGN §4), except where the problem itself is too ill-conditioned for fp32: at
+        # 1e-5 (docs/design.md §4), except where the problem itself is too ill-conditioned for fp32: at
         # N=6, D=3, tau=0.05 the softmax rows are nearly one-hot and the HVP of the fp32 reference
         # is itself 3.9e-5 off; there the fused path must be no worse than that.
         assert_close_rel(name, o, r, max(1e-5, 2 * rel_err(r32, r)))

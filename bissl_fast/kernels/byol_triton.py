@@ -1,4 +1,4 @@
-"""Triton kernels of the BYOL normalized-regression row ops (DESIGN.md §2.2).
+"""Triton kernels of the BYOL normalized-regression row ops (docs/design.md §2.2).
 
 Same math as ``csrc/include/bissl_fast/byol_math.h`` (see its header comment for the derivation):
 each program owns ``BLOCK_B`` rows, reduces the per-row dot products over ``D`` in ``BLOCK_D``

@@ -1,4 +1,4 @@
-"""Triton kernels for the masked log-sum-exp term of NT-Xent (DESIGN §2.1), flash-attention style.
+"""Triton kernels for the masked log-sum-exp term of NT-Xent (docs/design.md §2.1), flash-attention style.
 
 For unit rows ``u`` (``[N, D]``), ``s_ij = u_i . u_j / tau`` with the diagonal excluded, and per-row
 weights ``c`` (the incoming gradient of ``lse``), the three kernels compute

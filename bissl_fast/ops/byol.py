@@ -1,4 +1,4 @@
-"""Fused BYOL loss (DESIGN.md §2.2): row-wise forward, backward and double backward.
+"""Fused BYOL loss (docs/design.md §2.2): row-wise forward, backward and double backward.
 
 Three row ops, each the vector-Jacobian product of the previous one, so the gradient of every op
 is itself differentiable and Hessian-vector products through the loss are exact:

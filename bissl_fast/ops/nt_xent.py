@@ -1,6 +1,6 @@
 """Fused NT-Xent (SimCLR) loss with exact first and second derivatives in O(N*D) memory.
 
-The loss of DESIGN §2.1 is split into two terms::
+The loss of docs/design.md §2.1 is split into two terms::
 
     loss = (1/N) sum_i lse_i  -  1/(tau N (m-1)) sum_i sum_{p in P(i)} u_i . u_p
 
@@ -129,7 +129,7 @@ class _NTXentLseDoubleBackward(torch.autograd.Function):
 class _NTXentLseBackward(torch.autograd.Function):
     """``(u, lse, c) -> dU = (1/tau) (C P + P^T C) u``: the backward of :class:`NTXentFunction`.
 
-    Its own backward is the two-pass double backward of DESIGN §2.1 (with ``g/N`` generalized to the
+    Its own backward is the two-pass double backward of docs/design.md §2.1 (with ``g/N`` generalized to the
     per-row weights ``c``), so HVPs through the loss are exact. ``lse`` is the detached forward
     value: the gradient with respect to ``u`` already includes the dependence of ``lse`` on ``u``
     (the ``-r_i`` term), so no gradient flows to ``lse``.
@@ -292,7 +292,7 @@ def nt_xent(
     precision: str = "ieee",
     check_finite: bool = False,
 ) -> torch.Tensor:
-    """NT-Xent (SimCLR) loss, DESIGN §2.1, in O(N*D) memory with exact first and second derivatives.
+    """NT-Xent (SimCLR) loss, docs/design.md §2.1, in O(N*D) memory with exact first and second derivatives.
 
     Call forms:
 
@@ -335,7 +335,7 @@ def nt_xent(
     * solo-learn ``simclr_loss_func(z, indexes, temperature)`` with ``z = cat(views)`` and
       ``indexes = arange(B).repeat(m)`` is ``nt_xent(z, temperature=temperature, views=m,
       gather=True)`` for ``m = 2``. For ``m > 2`` solo-learn puts the sum over positives inside the
-      log; this loss (DESIGN §2.1) averages the log-probabilities of the positives.
+      log; this loss (docs/design.md §2.1) averages the log-probabilities of the positives.
 
     Raises:
         TypeError: non-tensor or non-floating ``z``, non-real temperature, non-int views.

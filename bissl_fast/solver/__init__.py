@@ -1,4 +1,4 @@
-"""Hessian operator, fused conjugate gradient, implicit gradient and spectrum estimates (DESIGN §2.3).
+"""Hessian operator, fused conjugate gradient, implicit gradient and spectrum estimates (docs/design.md §2.3).
 
 - :class:`HessianOperator`: ``H`` of a pretext loss on a fixed batch as a reusable linear
   operator (graph built once, ``matvec``/``matmat``; paper-style recompute; forward-over-reverse).

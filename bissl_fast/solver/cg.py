@@ -59,7 +59,7 @@ def cg_solve(
     return_info: bool = False,
     backend: str = "auto",
 ) -> Tensors | tuple[Tensors, CGInfo]:
-    """Solve ``A x = b`` by conjugate gradient, the paper's numerics (DESIGN §2.3).
+    """Solve ``A x = b`` by conjugate gradient, the paper's numerics (docs/design.md §2.3).
 
     Args:
         matvec: maps a tuple shaped like ``b`` to ``A`` applied to it. It must not modify its

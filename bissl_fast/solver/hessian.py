@@ -1,4 +1,4 @@
-"""Hessian-vector products of a pretext loss on a fixed batch (DESIGN §2.3).
+"""Hessian-vector products of a pretext loss on a fixed batch (docs/design.md §2.3).
 
 Within one BiSSL upper stage the lower parameters and the lower batch do not change, so the
 Hessian ``H`` of the pretext loss is one fixed linear operator. :class:`HessianOperator` exposes

@@ -1,4 +1,4 @@
-"""The BiSSL implicit gradient: solve ``(I + H / (lam + damping)) x = v`` with CG (DESIGN §2.3)."""
+"""The BiSSL implicit gradient: solve ``(I + H / (lam + damping)) x = v`` with CG (docs/design.md §2.3)."""
 from __future__ import annotations
 
 import numbers

@@ -1,4 +1,4 @@
-// BYOL normalized-regression row ops (DESIGN.md §2.2): schemas and CPU kernels.
+// BYOL normalized-regression row ops (docs/design.md §2.2): schemas and CPU kernels.
 //
 //   byol_fwd(p, t)                              -> loss [B]        2 - 2 cos(p_b, t_b)
 //   byol_bwd(grad, p, t, t_grad)                -> (dp, dt)        vjp of byol_fwd

@@ -1,4 +1,4 @@
-// Fused multi-tensor CG vector updates (DESIGN §2.3): schemas and CPU kernels (argument checks in cg_checks.h).
+// Fused multi-tensor CG vector updates (docs/design.md §2.3): schemas and CPU kernels (argument checks in cg_checks.h).
 //
 //   cg_dot(a[], b[])                      -> float64 [T]     a_t . b_t
 //   cg_update(x[]!, r[]!, d[], ad[], alpha) -> float64 [T]   x_t += alpha_t d_t; r_t -= alpha_t ad_t;

@@ -1,4 +1,4 @@
-// CUDA kernels of the fused multi-tensor CG vector updates (DESIGN §2.3): ONE launch per vector
+// CUDA kernels of the fused multi-tensor CG vector updates (docs/design.md §2.3): ONE launch per vector
 // op over all T tensors. Only CUDA headers and our torch-free headers here (this file compiles with
 // nvcc on machines without torch's CUDA headers); the torch glue is csrc/cuda/cg_cuda.cpp.
 //

@@ -1,5 +1,5 @@
 // Self-checking test of csrc/include/bissl_fast/byol_math.h against a naive double implementation
-// (explicit unit vectors, the DESIGN.md §2.2 formulas, and central finite differences).
+// (explicit unit vectors, the docs/design.md §2.2 formulas, and central finite differences).
 // Plain main(); returns non-zero on failure.
 #include <cmath>
 #include <cstdio>
@@ -36,7 +36,7 @@ static double naive_loss(const Vec& p, const Vec& t) {
   return 2 - 2 * c;
 }
 
-// Naive gradient of g * loss: DESIGN's -2 g (t^ - c p^) / n in the norm regime, -2 g t^ / eps when clamped.
+// Naive gradient of g * loss: docs/design.md §2.2's -2 g (t^ - c p^) / n in the norm regime, -2 g t^ / eps when clamped.
 static void naive_grad(const Vec& p, const Vec& t, double g, Vec& dp, Vec& dt) {
   const size_t d = p.size();
   const double np_raw = std::sqrt(dot(p, p)), nt_raw = std::sqrt(dot(t, t));
@@ -126,7 +126,7 @@ static void check_case(const char* name, const Case& k, double scale_p, double s
   expect_close("dgrad", hc.dg, (dot(k.wp, dp) + dot(k.wt, dt)) / k.g, 1e-11);
 }
 
-// DESIGN §2.2's closed form for the p-block with Wt = 0 in the norm regime.
+// docs/design.md §2.2's closed form for the p-block with Wt = 0 in the norm regime.
 static void check_design_formula(const Case& k) {
   const size_t d = k.p.size();
   const auto row = byol::row_from<double, double>(k.p.data(), k.t.data(), static_cast<int64_t>(d));

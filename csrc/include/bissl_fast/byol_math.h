@@ -1,4 +1,4 @@
-// Row math of the BYOL normalized-regression loss (DESIGN.md §2.2), shared by the CPU kernel,
+// Row math of the BYOL normalized-regression loss (docs/design.md §2.2), shared by the CPU kernel,
 // the CUDA kernel and the C++ tests, so CPU CI runs the arithmetic the GPU runs.
 //
 // One row pair (p, t) of length D, all in the accumulation type T (float for float/bf16/half

@@ -1,4 +1,4 @@
-// Element math and work decomposition of the fused multi-tensor CG vector updates (DESIGN §2.3),
+// Element math and work decomposition of the fused multi-tensor CG vector updates (docs/design.md §2.3),
 // shared by the CPU kernel (csrc/cpu/cg_cpu.cpp), the CUDA kernels (csrc/cuda/cg_cuda_kernels.cu) and the
 // C++ test (csrc/tests/test_cg_math.cpp).
 //
