@@ -24,6 +24,7 @@ config), gradients are averaged over ranks, and rank 0 writes checkpoints and lo
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import json
@@ -40,16 +41,22 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ._dist import bucketed_mean
 from ._progress import progress_bar
 from ._resume import rng_state, set_rng_state
 from ._validation import check_int_at_least, check_nonnegative, check_positive
 from .backbones import build_backbone
 from .checkpoints import HEAD_PREFIXES, load_weights, save_atomic
-from .data import BatchAugment, TensorLoader, load_dataset, normalize_stats, stratified_split
+from .data import (
+    BatchAugment,
+    TensorLoader,
+    load_dataset,
+    normalize_stats,
+    stratified_split,
+)
 from .ema import EMATarget
 from .heads import Classifier, ProjectionModel
 from .optim import LARS, warmup_cosine
-from ._dist import bucketed_mean
 from .trainer import BiSSLConfig, BiSSLTrainer, _byol_loss, _nt_xent
 
 _DATASETS = ("digits", "cifar10", "imagefolder")
@@ -778,9 +785,8 @@ __all__ = ["FIELD_HELP", "PipelineConfig", "build_parser", "config_from_toml", "
 # --------------------------------------------------------------------------------------------
 
 
-def build_parser() -> "argparse.ArgumentParser":
+def build_parser() -> argparse.ArgumentParser:
     """``bissl-fast run``: ``--config FILE.toml`` plus one flag per :class:`PipelineConfig` field (flags win)."""
-    import argparse
 
     class OneLineErrors(argparse.ArgumentParser):
         def error(self, message: str) -> None:  # type: ignore[override]
