@@ -12,40 +12,17 @@
 #include <array>
 
 #include "../batch_norm_checks.h"
+#include "../cuda_dtype.h"
 #include "../output_alloc.h"
 
 namespace bissl_fast {
 namespace batch_norm_cuda {
 
-// Defined in batch_norm_cuda_kernels.cu (a signature mismatch is a link error: the names are C++-mangled).
-enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
-cudaError_t fwd(DType dtype, const void* x, const void* w, const void* b, const void* rm, const void* rv, void* y,
-                void* save_mean, void* save_invstd, void* new_rm, void* new_rv, int64_t n, int64_t c, int64_t l,
-                bool training, double momentum, double eps, cudaStream_t stream);
-cudaError_t bwd(DType dtype, const void* g, const void* x, const void* w, const void* mean, const void* invstd,
-                void* gx, void* gw, void* gb, int64_t n, int64_t c, int64_t l, bool training, cudaStream_t stream);
-cudaError_t dbwd(DType dtype, const void* ggx, const void* ggw, const void* ggb, const void* g, const void* x,
-                 const void* w, const void* mean, const void* invstd, void* gi, void* gg, void* gw, int64_t n,
-                 int64_t c, int64_t l, bool training, cudaStream_t stream);
-
 namespace {
 
 namespace chk = batch_norm_checks;
 
-DType dtype_of(const at::Tensor& x, const char* op) {
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      return DType::kFloat;
-    case at::kDouble:
-      return DType::kDouble;
-    case at::kHalf:
-      return DType::kHalf;
-    case at::kBFloat16:
-      return DType::kBFloat16;
-    default:
-      TORCH_CHECK(false, op, ": expected float32/float64/float16/bfloat16, got ", x.scalar_type());
-  }
-}
+DType dtype_of(const at::Tensor& x, const char* op) { return cuda_dtype(x.scalar_type(), op); }
 
 void* data_or_null(at::Tensor& t) { return t.numel() > 0 ? t.mutable_data_ptr() : nullptr; }
 

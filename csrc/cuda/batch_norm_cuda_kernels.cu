@@ -14,11 +14,10 @@
 #include <cstdint>
 
 #include "bissl_fast/batch_norm_math.h"
+#include "bissl_fast/cuda_launchers.h"
 
 namespace bissl_fast {
 namespace batch_norm_cuda {
-
-enum class DType : int { kFloat = 0, kDouble = 1, kHalf = 2, kBFloat16 = 3 };
 
 namespace {
 

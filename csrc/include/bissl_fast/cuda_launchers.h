@@ -41,4 +41,20 @@ cudaError_t launch_cg_direction(DType dtype, const int64_t* table, int64_t T, in
                                 cudaStream_t stream);
 
 }  // namespace cg
+
+namespace batch_norm_cuda {
+
+// BatchNorm ops on contiguous [n, c, l] inputs (csrc/cpu/batch_norm_cpu.cpp has the op contract).
+// Per-channel tensors (weight, bias, statistics, their outputs) are in the accumulation type: float
+// for float/half/bfloat16 inputs, double for double.
+cudaError_t fwd(DType dtype, const void* x, const void* w, const void* b, const void* rm, const void* rv, void* y,
+                void* save_mean, void* save_invstd, void* new_rm, void* new_rv, int64_t n, int64_t c, int64_t l,
+                bool training, double momentum, double eps, cudaStream_t stream);
+cudaError_t bwd(DType dtype, const void* g, const void* x, const void* w, const void* mean, const void* invstd,
+                void* gx, void* gw, void* gb, int64_t n, int64_t c, int64_t l, bool training, cudaStream_t stream);
+cudaError_t dbwd(DType dtype, const void* ggx, const void* ggw, const void* ggb, const void* g, const void* x,
+                 const void* w, const void* mean, const void* invstd, void* gi, void* gg, void* gw, int64_t n,
+                 int64_t c, int64_t l, bool training, cudaStream_t stream);
+
+}  // namespace batch_norm_cuda
 }  // namespace bissl_fast
