@@ -9,25 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import run_distributed
+from helpers import loss_grad_hvp, run_distributed
 
 pytestmark = pytest.mark.distributed
 
 WORLD = 2
+UPSTREAM = 0.7  # a non-unit upstream gradient
 
 
 def _own_rows(n_global: int, views: int, rank: int) -> torch.Tensor:
     """Indices of this rank's rows in the global view-major batch."""
     b = n_global // (views * WORLD)
     return torch.cat([torch.arange(k * WORLD * b + rank * b, k * WORLD * b + (rank + 1) * b) for k in range(views)])
-
-
-def _grad_and_hvp(loss_fn, z, v):
-    z = z.detach().requires_grad_()
-    loss = loss_fn(z)
-    (grad,) = torch.autograd.grad(loss, z, create_graph=True)
-    (hvp,) = torch.autograd.grad(grad, z, v)
-    return loss.detach(), grad.detach(), hvp
 
 
 def _worker(rank: int, world_size: int) -> None:
@@ -48,9 +41,10 @@ def _worker(rank: int, world_size: int) -> None:
         def loss_fn(z, views=views, tau=tau):
             return nt_xent(z, temperature=tau, views=views, backend="torch", gather=True)
 
-        loss, grad, hvp = _grad_and_hvp(loss_fn, z_global[rows], v_global[rows])
-        ref = _grad_and_hvp(
-            lambda z, views=views, tau=tau: reference.nt_xent(z, temperature=tau, views=views), z_global, v_global
+        loss, grad, hvp = loss_grad_hvp(loss_fn, z_global[rows], UPSTREAM, v_global[rows])
+        ref = loss_grad_hvp(
+            lambda z, views=views, tau=tau: reference.nt_xent(z, temperature=tau, views=views), z_global, UPSTREAM,
+            v_global,
         )
         assert rel_err(loss, ref[0]) < 1e-12, (rank, views, "loss")
         assert rel_err(grad, WORLD * ref[1][rows]) < 1e-12, (rank, views, "grad")
