@@ -41,6 +41,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from . import augment
 from ._dist import bucketed_mean
 from ._progress import progress_bar
 from ._resume import rng_state, set_rng_state
@@ -60,7 +61,7 @@ from .optim import LARS, warmup_cosine
 from .trainer import BiSSLConfig, BiSSLTrainer, _byol_loss, _nt_xent
 
 _DATASETS = ("digits", "cifar10", "imagefolder")
-_AUGMENTS = ("random", "flip")
+_AUGMENTS = ("random", "paper", "flip")
 
 
 @dataclass
@@ -185,7 +186,8 @@ FIELD_HELP = {
     "image_size": "resize images to this side (default: native size)",
     "test_per_class": "held-out test images per class (top-1 / top-5 are measured on them)",
     "val_per_class": "validation images per class (for the lr search)",
-    "augment": "random (SimCLR-style batched augmentations) or flip (deterministic views, for tests)",
+    "augment": "random (light batched augmentations, any channels), paper (the SimCLR/BYOL views and the "
+               "fine-tuning crop+flip of bissl_fast.augment; RGB) or flip (deterministic views, for tests)",
     "arch": "backbone: tiny_cnn, tiny_resnet, small_resnet, resnet18_cifar, resnet18..resnet152 (timm/torchvision)",
     "pretext": "simclr or byol",
     "pretext_checkpoint": "pretext backbone weights (plain, the paper's, lightly, solo-learn, torchvision, DDP)",
@@ -371,6 +373,8 @@ class _Splits:
     y_test: torch.Tensor
     x_pretext: torch.Tensor
     num_classes: int
+    stats: tuple[torch.Tensor, torch.Tensor]  # per-channel mean, std [1, C, 1, 1] of the downstream images
+    pretext_stats: tuple[torch.Tensor, torch.Tensor]  # the same for the pretext images
 
 
 def _load_data(cfg: PipelineConfig, device: torch.device) -> _Splits:
@@ -392,8 +396,9 @@ def _load_data(cfg: PipelineConfig, device: torch.device) -> _Splits:
         pmean, pstd = normalize_stats(pre.x)
         x_pretext = ((pre.x - pmean) / pstd).to(device)
     else:
-        x_pretext = x[train_idx]
-    return _Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x[test_idx], y[test_idx], x_pretext, data.num_classes)
+        x_pretext, pmean, pstd = x[train_idx], mean, std
+    return _Splits(x[train_idx], y[train_idx], x[val_idx], y[val_idx], x[test_idx], y[test_idx], x_pretext,
+                   data.num_classes, (mean, std), (pmean, pstd))
 
 
 def _loader(x: torch.Tensor, y: torch.Tensor | None, batch: int, seed: int) -> TensorLoader:
@@ -407,27 +412,55 @@ def _loader(x: torch.Tensor, y: torch.Tensor | None, batch: int, seed: int) -> T
 
 
 class _Augment:
-    """Pretext views and downstream inputs: random (``BatchAugment``) or deterministic flips.
+    """Pretext views and downstream inputs: ``random`` (``data.BatchAugment``), ``paper`` (the
+    SimCLR/BYOL views and the fine-tuning crop+flip of :mod:`bissl_fast.augment`) or deterministic
+    flips.
 
-    ``views`` accepts an image batch or an ``(images, labels, ...)`` batch of an external loader
-    (labels ignored) and moves it to ``device``.
+    The split tensors are normalized per channel; ``paper`` maps them back to ``[0, 1]``, augments
+    there (colour jitter, grayscale and solarize are defined on ``[0, 1]``) and normalizes with the
+    same statistics. ``views`` accepts an image batch or an ``(images, labels, ...)`` batch of an
+    external loader (labels ignored; with ``paper``, uint8 batches such as those of
+    :func:`bissl_fast.datasets.make_loader` are taken as raw images) and moves it to ``device``.
     """
 
-    def __init__(self, mode: str, grayscale: bool, device: torch.device) -> None:
+    def __init__(self, mode: str, splits: _Splits, pretext: str, device: torch.device) -> None:
         self.mode, self.device = mode, device
-        flip = 0.0 if grayscale else 0.5
-        self.views_aug = BatchAugment(flip=flip)
-        self.light = BatchAugment(scale=(0.8, 1.0), rotation=10.0, jitter=0.1, noise=0.02, flip=flip)
+        channels, size = splits.x_train.shape[1], splits.x_train.shape[-1]
+        if mode == "paper":
+            if channels != 3:
+                raise ValueError(f"augment='paper' needs RGB images (colour jitter, grayscale); these have {channels} "
+                                 "channel(s): use augment='random'")
+            self.stats = tuple(t.to(device) for t in splits.stats)
+            self.pretext_stats = tuple(t.to(device) for t in splits.pretext_stats)
+            views_norm = augment.Normalize(*(t.flatten().tolist() for t in splits.pretext_stats))
+            self.views_aug = (augment.byol_augment(size, normalize=views_norm) if pretext == "byol"
+                              else augment.simclr_augment(size, normalize=views_norm))
+            self.light = augment.downstream_augment(size, normalize=augment.Normalize(*(t.flatten().tolist() for t in splits.stats)))
+        else:
+            flip = 0.0 if channels == 1 else 0.5
+            self.views_aug = BatchAugment(flip=flip)
+            self.light = BatchAugment(scale=(0.8, 1.0), rotation=10.0, jitter=0.1, noise=0.02, flip=flip)
+
+    @staticmethod
+    def _unit_range(x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        mean, std = stats
+        return (x * std + mean).clamp(0.0, 1.0)
 
     def views(self, batch: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         x = batch if isinstance(batch, torch.Tensor) else batch[0]
         x = x.to(self.device, non_blocking=True)
         if self.mode == "flip":
             return [x, x.flip(-1)]
+        if self.mode == "paper" and x.is_floating_point():  # uint8 batches (bissl_fast.datasets) are raw images
+            x = self._unit_range(x, self.pretext_stats)
         return self.views_aug.views(x, 2)
 
     def downstream(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.mode == "flip" else self.light(x)
+        if self.mode == "flip":
+            return x
+        if self.mode == "paper":
+            x = self._unit_range(x, self.stats)
+        return self.light(x)
 
 
 # --------------------------------------------------------------------------------------------
@@ -641,7 +674,7 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
     state = _load_checkpoint(ckpt_path, cfg) or {"config": asdict(cfg), "done": [], "log_lines": 0, "finetune": {}}
     log = _RunLog(cfg.out, int(state["log_lines"]), cfg.tensorboard, rank)
-    aug = _Augment(cfg.augment, channels == 1, device)
+    aug = _Augment(cfg.augment, splits, cfg.pretext, device)
 
     def checkpoint(label: str) -> None:
         state["log_lines"] = log.lines

@@ -179,3 +179,28 @@ def test_every_setting_has_help():
     from bissl_fast.pipeline import FIELD_HELP
 
     assert sorted(FIELD_HELP) == sorted(f.name for f in fields(PipelineConfig))
+
+
+def test_paper_augmentations_work_in_unit_range_and_need_rgb(tmp_path):
+    """augment='paper' augments de-normalized images in [0, 1] and normalizes the views back."""
+    from bissl_fast.data import normalize_stats
+    from bissl_fast.pipeline import _Augment, _Splits
+
+    gen = torch.Generator().manual_seed(0)
+    raw = torch.rand(16, 3, 12, 12, generator=gen)
+    stats = normalize_stats(raw)
+    x = (raw - stats[0]) / stats[1]
+    y = torch.zeros(16, dtype=torch.long)
+    splits = _Splits(x, y, x[:0], y[:0], x, y, x, 1, stats, stats)
+    for pretext in ("simclr", "byol"):
+        aug = _Augment("paper", splits, pretext, torch.device("cpu"))
+        assert torch.allclose(aug._unit_range(x, aug.stats), raw, atol=1e-6)
+        views = aug.views((x, y))
+        assert len(views) == 2 and all(v.shape == x.shape and torch.isfinite(v).all() for v in views)
+        assert not torch.allclose(views[0], views[1])
+        # Normalized with the split's statistics: a constant mid-grey image maps to (0.5 - mean) / std.
+        grey = (torch.full((2, 3, 12, 12), 0.5) - stats[0]) / stats[1]
+        assert aug.downstream(grey).shape == grey.shape
+        assert torch.allclose(aug.downstream(grey), grey, atol=1e-5)  # crops and flips of a constant image
+    with pytest.raises(ValueError, match="augment='paper' needs RGB"):
+        run_pipeline(tiny(tmp_path, augment="paper"))
