@@ -52,7 +52,7 @@ def test_entry_point_exit_code_and_stderr_in_a_real_process():
         [sys.executable, "-m", "bissl_fast.cli", "--debug", "bench", "--suite-dir", "/nonexistent/suites"],
         capture_output=True, text=True, timeout=120,
     )
-    assert debug.returncode != 0 and "Traceback" in debug.stderr and "FileNotFoundError" in debug.stderr
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "BenchError: benchmark suites not found" in debug.stderr
 
 
 def test_help_exits_cleanly(capsys):
