@@ -100,6 +100,7 @@ def test_batch_norm_dbwd(benchmark_op, bench_device, provider, shape):
         fn, [()], op="batch_norm", provider=provider, mode="dbwd", size={"N": n, "C": c, "H": h, "W": w},
         dtype=torch.float32, device=bench_device, bytes_moved=5 * n * c * h * w * 4,
         rounds=None if bench_device.type == "cuda" else 5,
+        reference=None if provider == "reference" else dbwd_case("reference", shape, bench_device),
     )
 
 
@@ -130,6 +131,7 @@ def test_batch_norm_hvp_resnet(benchmark_op, bench_device, provider, model):
         fn, [()], op="batch_norm_resnet", provider=provider, mode="hvp",
         size={"widths": "-".join(map(str, widths)), "HW": res, "B": IMAGES, "P": sum(p.numel() for p in op.params)},
         dtype=torch.float32, device=bench_device, rounds=None if bench_device.type == "cuda" else 5,
+        reference=None if provider == "reference" else hvp_case("reference", model, bench_device)[0],
     )
 
 

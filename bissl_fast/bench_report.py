@@ -189,7 +189,8 @@ def _header(meta: dict[str, Any]) -> str:
 
 def _display_name(row: dict[str, Any]) -> str:
     names = {"nt_xent": "NT-Xent", "byol": "BYOL", "cg_vector_work": "CG vector work",
-             "upper_stage_simclr": "upper stage, SimCLR", "upper_stage_byol": "upper stage, BYOL"}
+             "upper_stage_simclr": "upper stage, SimCLR", "upper_stage_byol": "upper stage, BYOL",
+             "batch_norm": "BatchNorm", "batch_norm_resnet": "HVP through SmallResNet, BatchNorm"}
     return names.get(row["op"], row["op"])
 
 
