@@ -49,6 +49,11 @@ torch.autograd.grad(gp, ps[0], torch.randn_like(gp))
 w, x = torch.randn(6, 6, requires_grad=True), torch.randn(12, 6)
 with HessianOperator(lambda: nt_xent(x @ w, temperature=0.3), [w]) as op:
     ImplicitGradient([w]).solve(op, [torch.randn(6, 6)])
+from bissl_fast import convert_batchnorm
+net = convert_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten()))
+params = list(net.parameters())
+with HessianOperator(lambda: nt_xent(net(torch.randn(8, 3, 5, 5)), temperature=0.3), params) as op:
+    op.matvec([torch.randn_like(p) for p in params])
 loaded = [m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules]
 assert not loaded, f"the eager path loaded {loaded}"
 
@@ -62,7 +67,8 @@ for loss in (lambda t: nt_xent(t, temperature=0.3, views=3), lambda t: byol_loss
 
 def test_eager_losses_and_solver_do_not_load_the_compiler_stack():
     """torch._dynamo (with sympy and inductor: ~140 MB RSS, 1-2 s) stays unloaded on the eager CPU
-    path (fused losses, their double backward, the Hessian operator and CG), and so does triton
+    path (fused losses, their double backward, the Hessian operator and CG, the fused BatchNorm),
+    and so does triton
     (~50 MB), which cannot run there; torch.compile still traces the losses with fullgraph=True
     afterwards."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
