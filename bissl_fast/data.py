@@ -95,12 +95,13 @@ def _read_cifar_batch(path: str) -> tuple[np.ndarray, np.ndarray]:
     return data, labels
 
 
-def load_cifar10(root: str | os.PathLike, train: bool = True, size: int | None = None) -> ImageDataset:
-    """CIFAR-10 from the torchvision layout: ``root/cifar-10-batches-py/{data_batch_1..5, test_batch}``.
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
-    ``root`` may also be the ``cifar-10-batches-py`` folder itself. Returns ``[N, 3, 32, 32]``
-    images (resized to ``size`` when given). Nothing is downloaded.
-    """
+
+def read_cifar10(root: str | os.PathLike, train: bool = True) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The CIFAR-10 python pickles under ``root`` (``cifar-10-batches-py`` or its parent): uint8
+    ``[N, 3, 32, 32]`` images, int64 ``[N]`` labels in 0..9 and the class names (from
+    ``batches.meta`` when present). ``train`` reads ``data_batch_1..5``, else ``test_batch``."""
     folder = _cifar_dir(root)
     names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
     missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
@@ -114,14 +115,25 @@ def load_cifar10(root: str | os.PathLike, train: bool = True, size: int | None =
     labels = np.concatenate([p[1] for p in parts])
     if labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"CIFAR-10 labels must be in 0..9, got range {labels.min()}..{labels.max()}")
-    x = torch.from_numpy(data.reshape(-1, 3, 32, 32).astype(np.float32) / 255.0)
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    classes = list(CIFAR10_CLASSES)
     meta = os.path.join(folder, "batches.meta")
     if os.path.isfile(meta):
         with open(meta, "rb") as f:
             names_meta = pickle.load(f, encoding="bytes").get(b"label_names")
         if names_meta and len(names_meta) == 10:
             classes = [n.decode() if isinstance(n, bytes) else str(n) for n in names_meta]
+    images = np.ascontiguousarray(data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32))
+    return images, labels.astype(np.int64), classes
+
+
+def load_cifar10(root: str | os.PathLike, train: bool = True, size: int | None = None) -> ImageDataset:
+    """CIFAR-10 from the torchvision layout: ``root/cifar-10-batches-py/{data_batch_1..5, test_batch}``.
+
+    ``root`` may also be the ``cifar-10-batches-py`` folder itself. Returns ``[N, 3, 32, 32]``
+    images (resized to ``size`` when given). Nothing is downloaded.
+    """
+    images, labels, classes = read_cifar10(root, train)
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
     return ImageDataset(_resize(x, size), torch.from_numpy(labels), classes, "cifar10")
 
 
@@ -352,6 +364,7 @@ def normalize_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 __all__: Sequence[str] = [
+    "CIFAR10_CLASSES",
     "BatchAugment",
     "ImageDataset",
     "TensorLoader",
@@ -360,5 +373,6 @@ __all__: Sequence[str] = [
     "load_digits",
     "load_imagefolder",
     "normalize_stats",
+    "read_cifar10",
     "stratified_split",
 ]

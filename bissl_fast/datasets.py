@@ -20,7 +20,6 @@ then call ``loader.sampler.set_epoch(epoch)`` before each pass (the BiSSL traine
 from __future__ import annotations
 
 import os
-import pickle
 from typing import Any, Sequence
 
 import numpy as np
@@ -28,9 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ._validation import check_int_at_least
-from .data import IMAGE_EXTENSIONS, _cifar_dir, _read_cifar_batch
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+from .data import CIFAR10_CLASSES, IMAGE_EXTENSIONS, read_cifar10
 
 
 def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
@@ -136,29 +133,11 @@ class CIFAR10Dataset(Dataset):
     """
 
     def __init__(self, root: str | os.PathLike, train: bool = True) -> None:
-        folder = _cifar_dir(_existing_dir(root))
-        names = [f"data_batch_{i}" for i in range(1, 6)] if train else ["test_batch"]
-        missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-        if missing:
-            raise FileNotFoundError(
-                f"CIFAR-10 folder {folder!r} lacks {missing}; expected the python-version archive "
-                "(cifar-10-python.tar.gz) extracted there"
-            )
-        parts = [_read_cifar_batch(os.path.join(folder, n)) for n in names]
-        data = np.concatenate([p[0] for p in parts])
-        labels = np.concatenate([p[1] for p in parts])
-        if labels.min() < 0 or labels.max() > 9:
-            raise ValueError(f"CIFAR-10 labels must be in 0..9, got range {labels.min()}..{labels.max()}")
-        self.data = np.ascontiguousarray(data.astype(np.uint8, copy=False).reshape(-1, 3, 32, 32))
-        self.targets = labels.astype(np.int64).tolist()
+        images, labels, classes = read_cifar10(_existing_dir(root), train)
+        self.data = images
+        self.targets = labels.tolist()
         self.train = bool(train)
-        self.classes = list(CIFAR10_CLASSES)
-        meta = os.path.join(folder, "batches.meta")
-        if os.path.isfile(meta):
-            with open(meta, "rb") as f:
-                label_names = pickle.load(f, encoding="bytes").get(b"label_names")
-            if label_names and len(label_names) == 10:
-                self.classes = [n.decode() if isinstance(n, bytes) else str(n) for n in label_names]
+        self.classes = classes
 
     def __len__(self) -> int:
         return self.data.shape[0]
