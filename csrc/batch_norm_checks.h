@@ -62,5 +62,88 @@ inline Layout layout_of(const at::Tensor& input) {
   return {n, c, c == 0 || n == 0 ? 0 : input.numel() / (n * c)};
 }
 
+// The validated, converted arguments of each op: the input (and grad_out, ggI) contiguous, the
+// per-channel tensors in the accumulation dtype. CUDA callers set the device guard first.
+struct FwdArgs {
+  at::Tensor input, w, b, rm, rv;  // rm, rv undefined without running statistics
+  Layout ly;
+  at::TensorOptions acc_opts;
+  bool has_running;
+};
+
+inline FwdArgs fwd_args(const at::Tensor& input_in, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+                        const std::optional<at::Tensor>& running_var, bool training, double eps, const char* op) {
+  const int64_t C = check_input(input_in, op);
+  check_optional_channel(weight, input_in, C, "weight", op);
+  check_optional_channel(bias, input_in, C, "bias", op);
+  check_optional_channel(running_mean, input_in, C, "running_mean", op);
+  check_optional_channel(running_var, input_in, C, "running_var", op);
+  const bool has_running = present(running_mean);
+  TORCH_CHECK(has_running == present(running_var), op, ": running_mean and running_var must be given together");
+  TORCH_CHECK(training || has_running, op, ": eval mode (training=False) needs running_mean and running_var");
+  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const auto input = input_in.contiguous();
+  const auto ly = layout_of(input);
+  TORCH_CHECK(!training || ly.n * ly.l > 1, op,
+              ": expected more than 1 value per channel when training, got input shape ", input.sizes());
+  return {input,
+          channel_acc(weight, input, C, 1.0),
+          channel_acc(bias, input, C, 0.0),
+          has_running ? channel_acc(running_mean, input, C, 0.0) : at::Tensor(),
+          has_running ? channel_acc(running_var, input, C, 1.0) : at::Tensor(),
+          ly,
+          input.options().dtype(acc_type(input)),
+          has_running};
+}
+
+struct BwdArgs {
+  at::Tensor input, grad_out, w, mean, invstd;
+  Layout ly;
+  at::TensorOptions acc_opts;
+};
+
+inline BwdArgs bwd_args(const at::Tensor& grad_out_in, const at::Tensor& input_in,
+                        const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                        const at::Tensor& save_invstd, const char* op) {
+  const int64_t C = check_input(input_in, op);
+  check_like(grad_out_in, input_in, "grad_out", op);
+  check_optional_channel(weight, input_in, C, "weight", op);
+  check_channel(save_mean, input_in, C, "save_mean", op);
+  check_channel(save_invstd, input_in, C, "save_invstd", op);
+  const auto input = input_in.contiguous();
+  return {input,
+          grad_out_in.contiguous(),
+          channel_acc(weight, input, C, 1.0),
+          channel_acc(save_mean, input, C, 0.0),
+          channel_acc(save_invstd, input, C, 1.0),
+          layout_of(input),
+          input.options().dtype(acc_type(input))};
+}
+
+struct DbwdArgs {
+  BwdArgs base;
+  at::Tensor ggi, ggw, ggb;  // ggi undefined when absent (a zero cotangent)
+};
+
+inline DbwdArgs dbwd_args(const std::optional<at::Tensor>& ggi, const std::optional<at::Tensor>& ggw,
+                          const std::optional<at::Tensor>& ggb, const at::Tensor& grad_out_in,
+                          const at::Tensor& input_in, const std::optional<at::Tensor>& weight,
+                          const at::Tensor& save_mean, const at::Tensor& save_invstd, const char* op) {
+  const int64_t C = check_input(input_in, op);
+  if (present(ggi)) check_like(*ggi, input_in, "ggI", op);
+  check_optional_channel(ggw, input_in, C, "ggW", op);
+  check_optional_channel(ggb, input_in, C, "ggB", op);
+  auto base = bwd_args(grad_out_in, input_in, weight, save_mean, save_invstd, op);
+  const auto& input = base.input;
+  return {base, present(ggi) ? ggi->contiguous() : at::Tensor(), channel_acc(ggw, input, C, 0.0),
+          channel_acc(ggb, input, C, 0.0)};
+}
+
+// The dtype of weight/bias gradients: the weight's, or the input's when there is no weight.
+inline at::ScalarType param_dtype(const std::optional<at::Tensor>& weight, const at::Tensor& input) {
+  return present(weight) ? weight->scalar_type() : input.scalar_type();
+}
+
 }  // namespace batch_norm_checks
 }  // namespace bissl_fast

@@ -39,28 +39,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
     double momentum, double eps) {
   const char* op = "batch_norm_fwd";
-  const int64_t C = chk::check_input(input_in, op);
-  chk::check_optional_channel(weight, input_in, C, "weight", op);
-  chk::check_optional_channel(bias, input_in, C, "bias", op);
-  chk::check_optional_channel(running_mean, input_in, C, "running_mean", op);
-  chk::check_optional_channel(running_var, input_in, C, "running_var", op);
-  const bool has_running = chk::present(running_mean);
-  TORCH_CHECK(has_running == chk::present(running_var), op,
-              ": running_mean and running_var must be given together");
-  TORCH_CHECK(training || has_running, op, ": eval mode (training=False) needs running_mean and running_var");
-  TORCH_CHECK(eps >= 0, op, ": eps must be >= 0, got ", eps);
-  check_grid(C, op);
   const c10::cuda::CUDAGuard guard(input_in.device());
-  const auto input = input_in.contiguous();
-  const auto ly = chk::layout_of(input);
-  TORCH_CHECK(!training || ly.n * ly.l > 1, op,
-              ": expected more than 1 value per channel when training, got input shape ", input.sizes());
-  const bool update = training && has_running;
-  const auto acc_opts = input.options().dtype(chk::acc_type(input));
-  const auto w = chk::channel_acc(weight, input, C, 1.0);
-  const auto b = chk::channel_acc(bias, input, C, 0.0);
-  const auto rm = has_running ? chk::channel_acc(running_mean, input, C, 0.0) : at::Tensor();
-  const auto rv = has_running ? chk::channel_acc(running_var, input, C, 1.0) : at::Tensor();
+  const auto a = chk::fwd_args(input_in, weight, bias, running_mean, running_var, training, eps, op);
+  const auto &input = a.input, &w = a.w, &b = a.b, &rm = a.rm, &rv = a.rv;
+  const auto& ly = a.ly;
+  const auto& acc_opts = a.acc_opts;
+  const int64_t C = ly.c;
+  check_grid(C, op);
+  const bool has_running = a.has_running, update = training && has_running;
   auto out = empty_output_like(input);
   auto save_mean = empty_output({C}, acc_opts);
   auto save_invstd = empty_output({C}, acc_opts);
@@ -82,26 +68,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_cuda(const at::Ten
                                                                    const at::Tensor& save_invstd_in, bool training,
                                                                    std::array<bool, 3> output_mask) {
   const char* op = "batch_norm_bwd";
-  const int64_t C = chk::check_input(input_in, op);
-  chk::check_like(grad_out_in, input_in, "grad_out", op);
-  chk::check_optional_channel(weight, input_in, C, "weight", op);
-  chk::check_channel(save_mean_in, input_in, C, "save_mean", op);
-  chk::check_channel(save_invstd_in, input_in, C, "save_invstd", op);
-  check_grid(C, op);
   const c10::cuda::CUDAGuard guard(input_in.device());
-  const auto input = input_in.contiguous(), grad_out = grad_out_in.contiguous();
-  const auto ly = chk::layout_of(input);
-  const auto acc_opts = input.options().dtype(chk::acc_type(input));
-  const auto w = chk::channel_acc(weight, input, C, 1.0);
-  const auto mean = chk::channel_acc(save_mean_in, input, C, 0.0);
-  const auto invstd = chk::channel_acc(save_invstd_in, input, C, 1.0);
+  const auto a = chk::bwd_args(grad_out_in, input_in, weight, save_mean_in, save_invstd_in, op);
+  const auto &input = a.input, &grad_out = a.grad_out, &w = a.w, &mean = a.mean, &invstd = a.invstd;
+  const auto& ly = a.ly;
+  const auto& acc_opts = a.acc_opts;
+  const int64_t C = ly.c;
+  check_grid(C, op);
   auto gx = output_mask[0] ? empty_output_like(input) : at::empty({0}, input.options());
   auto gw = empty_channel_output(output_mask[1], C, acc_opts);
   auto gb = empty_channel_output(output_mask[2], C, acc_opts);
   C10_CUDA_CHECK(bwd(dtype_of(input, op), grad_out.const_data_ptr(), input.const_data_ptr(), w.const_data_ptr(),
                      mean.const_data_ptr(), invstd.const_data_ptr(), data_or_null(gx), data_or_null(gw),
                      data_or_null(gb), ly.n, ly.c, ly.l, training, c10::cuda::getCurrentCUDAStream()));
-  const auto param_dtype = chk::present(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = chk::param_dtype(weight, input);
   return {gx, gw.to(param_dtype), gb.to(param_dtype)};
 }
 
@@ -111,25 +91,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_dbwd_cuda(
     const std::optional<at::Tensor>& weight, const at::Tensor& save_mean_in, const at::Tensor& save_invstd_in,
     bool training, std::array<bool, 3> output_mask) {
   const char* op = "batch_norm_dbwd";
-  const int64_t C = chk::check_input(input_in, op);
-  chk::check_like(grad_out_in, input_in, "grad_out", op);
-  if (chk::present(ggi_opt)) chk::check_like(*ggi_opt, input_in, "ggI", op);
-  chk::check_optional_channel(ggw_opt, input_in, C, "ggW", op);
-  chk::check_optional_channel(ggb_opt, input_in, C, "ggB", op);
-  chk::check_optional_channel(weight, input_in, C, "weight", op);
-  chk::check_channel(save_mean_in, input_in, C, "save_mean", op);
-  chk::check_channel(save_invstd_in, input_in, C, "save_invstd", op);
-  check_grid(C, op);
   const c10::cuda::CUDAGuard guard(input_in.device());
-  const auto input = input_in.contiguous(), grad_out = grad_out_in.contiguous();
-  const at::Tensor ggi = chk::present(ggi_opt) ? ggi_opt->contiguous() : at::Tensor();
-  const auto ly = chk::layout_of(input);
-  const auto acc_opts = input.options().dtype(chk::acc_type(input));
-  const auto w = chk::channel_acc(weight, input, C, 1.0);
-  const auto mean = chk::channel_acc(save_mean_in, input, C, 0.0);
-  const auto invstd = chk::channel_acc(save_invstd_in, input, C, 1.0);
-  const auto ggw = chk::channel_acc(ggw_opt, input, C, 0.0);
-  const auto ggb = chk::channel_acc(ggb_opt, input, C, 0.0);
+  const auto a = chk::dbwd_args(ggi_opt, ggw_opt, ggb_opt, grad_out_in, input_in, weight, save_mean_in,
+                                save_invstd_in, op);
+  const auto &input = a.base.input, &grad_out = a.base.grad_out, &w = a.base.w, &mean = a.base.mean,
+             &invstd = a.base.invstd, &ggi = a.ggi, &ggw = a.ggw, &ggb = a.ggb;
+  const auto& ly = a.base.ly;
+  const auto& acc_opts = a.base.acc_opts;
+  const int64_t C = ly.c;
+  check_grid(C, op);
   auto gi = output_mask[0] ? empty_output_like(input) : at::empty({0}, input.options());
   auto gg = output_mask[1] ? empty_output_like(input) : at::empty({0}, input.options());
   auto gw = empty_channel_output(output_mask[2], C, acc_opts);
@@ -137,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_dbwd_cuda(
                       ggb.const_data_ptr(), grad_out.const_data_ptr(), input.const_data_ptr(), w.const_data_ptr(),
                       mean.const_data_ptr(), invstd.const_data_ptr(), data_or_null(gi), data_or_null(gg),
                       data_or_null(gw), ly.n, ly.c, ly.l, training, c10::cuda::getCurrentCUDAStream()));
-  const auto param_dtype = chk::present(weight) ? weight->scalar_type() : input.scalar_type();
+  const auto param_dtype = chk::param_dtype(weight, input);
   return {gi, gg, gw.to(param_dtype)};
 }
 
