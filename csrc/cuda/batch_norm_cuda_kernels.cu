@@ -15,6 +15,7 @@
 
 #include "bissl_fast/batch_norm_math.h"
 #include "bissl_fast/cuda_launchers.h"
+#include "element_io.cuh"
 
 namespace bissl_fast {
 namespace batch_norm_cuda {
@@ -26,24 +27,9 @@ namespace bn = batch_norm;
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 
-template <typename S>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ double load(const double* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-
-__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(double* p, int64_t i, double v) { p[i] = v; }
-__device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+using element_io::AccType;
+using element_io::load;
+using element_io::store;
 
 // Element j of channel c in an [N, C, L] tensor.
 struct Index {
@@ -79,12 +65,12 @@ __device__ __forceinline__ void block_sum(T (&v)[K], T* shm) {
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads)
-    fwd_kernel(const S* __restrict__ x, const typename Acc<S>::type* __restrict__ w,
-               const typename Acc<S>::type* __restrict__ b, const typename Acc<S>::type* __restrict__ rm,
-               const typename Acc<S>::type* __restrict__ rv, S* __restrict__ y, typename Acc<S>::type* save_mean,
-               typename Acc<S>::type* save_invstd, typename Acc<S>::type* new_rm, typename Acc<S>::type* new_rv,
+    fwd_kernel(const S* __restrict__ x, const typename AccType<S>::type* __restrict__ w,
+               const typename AccType<S>::type* __restrict__ b, const typename AccType<S>::type* __restrict__ rm,
+               const typename AccType<S>::type* __restrict__ rv, S* __restrict__ y, typename AccType<S>::type* save_mean,
+               typename AccType<S>::type* save_invstd, typename AccType<S>::type* new_rm, typename AccType<S>::type* new_rv,
                int64_t n, int64_t c_count, int64_t l, bool training, double momentum, double eps) {
-  using T = typename Acc<S>::type;
+  using T = typename AccType<S>::type;
   __shared__ T shm[kWarps];
   const int64_t c = blockIdx.x, m = n * l;
   const Index at{c_count, l};
@@ -123,11 +109,11 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads)
-    bwd_kernel(const S* __restrict__ g, const S* __restrict__ x, const typename Acc<S>::type* __restrict__ w,
-               const typename Acc<S>::type* __restrict__ mean_in, const typename Acc<S>::type* __restrict__ invstd_in,
-               S* __restrict__ gx, typename Acc<S>::type* gw, typename Acc<S>::type* gb, int64_t n, int64_t c_count,
+    bwd_kernel(const S* __restrict__ g, const S* __restrict__ x, const typename AccType<S>::type* __restrict__ w,
+               const typename AccType<S>::type* __restrict__ mean_in, const typename AccType<S>::type* __restrict__ invstd_in,
+               S* __restrict__ gx, typename AccType<S>::type* gw, typename AccType<S>::type* gb, int64_t n, int64_t c_count,
                int64_t l, bool training) {
-  using T = typename Acc<S>::type;
+  using T = typename AccType<S>::type;
   __shared__ T shm[2 * kWarps];
   const int64_t c = blockIdx.x, m = n * l;
   const Index at{c_count, l};
@@ -156,12 +142,12 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads)
-    dbwd_kernel(const S* __restrict__ ggx, const typename Acc<S>::type* __restrict__ ggw,
-                const typename Acc<S>::type* __restrict__ ggb, const S* __restrict__ g, const S* __restrict__ x,
-                const typename Acc<S>::type* __restrict__ w, const typename Acc<S>::type* __restrict__ mean_in,
-                const typename Acc<S>::type* __restrict__ invstd_in, S* __restrict__ gi, S* __restrict__ gg,
-                typename Acc<S>::type* gw, int64_t n, int64_t c_count, int64_t l, bool training) {
-  using T = typename Acc<S>::type;
+    dbwd_kernel(const S* __restrict__ ggx, const typename AccType<S>::type* __restrict__ ggw,
+                const typename AccType<S>::type* __restrict__ ggb, const S* __restrict__ g, const S* __restrict__ x,
+                const typename AccType<S>::type* __restrict__ w, const typename AccType<S>::type* __restrict__ mean_in,
+                const typename AccType<S>::type* __restrict__ invstd_in, S* __restrict__ gi, S* __restrict__ gg,
+                typename AccType<S>::type* gw, int64_t n, int64_t c_count, int64_t l, bool training) {
+  using T = typename AccType<S>::type;
   __shared__ T shm[5 * kWarps];
   const int64_t c = blockIdx.x, m = n * l;
   const Index at{c_count, l};
@@ -195,7 +181,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 template <typename S>
-using A = typename Acc<S>::type;
+using A = typename AccType<S>::type;
 
 template <typename S>
 cudaError_t launch_fwd(const void* x, const void* w, const void* b, const void* rm, const void* rv, void* y,

@@ -21,6 +21,7 @@
 
 #include "bissl_fast/cg_math.h"
 #include "bissl_fast/cuda_launchers.h"
+#include "element_io.cuh"
 
 namespace bissl_fast {
 namespace cg {
@@ -28,24 +29,9 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename S>
-struct OpType {
-  using type = float;
-};
-template <>
-struct OpType<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ double load(const double* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-
-__device__ __forceinline__ void store(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store(double* p, int64_t i, double v) { p[i] = v; }
-__device__ __forceinline__ void store(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
+using element_io::AccType;
+using element_io::load;
+using element_io::store;
 
 struct Chunk {
   int64_t tensor, begin, end;
@@ -111,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) dot_kernel(const int64_t* table, int
 template <typename S>
 __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* table, int64_t T, const double* alpha,
                                                           double* partials, unsigned int* ticket, double* out) {
-  using A = typename OpType<S>::type;
+  using A = typename AccType<S>::type;
   const Chunk c = locate(table, T);
   S* x = list_ptr<S>(table, T, 0, c.tensor);
   S* r = list_ptr<S>(table, T, 1, c.tensor);
@@ -133,7 +119,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const int64_t* table, 
 
 template <typename S>
 __global__ void __launch_bounds__(kThreads) direction_kernel(const int64_t* table, int64_t T, const double* beta) {
-  using A = typename OpType<S>::type;
+  using A = typename AccType<S>::type;
   const Chunk c = locate(table, T);
   S* d = list_ptr<S>(table, T, 0, c.tensor);
   const S* r = list_ptr<const S>(table, T, 1, c.tensor);
