@@ -7,25 +7,10 @@
 #include <vector>
 
 #include "bissl_fast/batch_norm_math.h"
+#include "check.h"
 
 namespace bn = bissl_fast::batch_norm;
 using Vec = std::vector<double>;
-
-static int failures = 0;
-
-static void expect_close(const char* what, double got, double want, double tol) {
-  const double err = std::fabs(got - want) / std::fmax(std::fabs(want), 1.0);
-  if (!(err <= tol)) {
-    std::printf("FAIL %s: got %.17g want %.17g (rel err %.3g > %.3g)\n", what, got, want, err, tol);
-    ++failures;
-  }
-}
-
-static double dot(const Vec& a, const Vec& b) {
-  double s = 0;
-  for (size_t i = 0; i < a.size(); ++i) s += a[i] * b[i];
-  return s;
-}
 
 struct Channel {
   Vec x, g, ggx;

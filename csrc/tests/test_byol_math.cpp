@@ -7,25 +7,10 @@
 #include <vector>
 
 #include "bissl_fast/byol_math.h"
+#include "check.h"
 
 namespace byol = bissl_fast::byol;
 using Vec = std::vector<double>;
-
-static int failures = 0;
-
-static void expect_close(const char* what, double got, double want, double tol) {
-  const double err = std::fabs(got - want) / std::fmax(std::fabs(want), 1.0);
-  if (!(err <= tol)) {
-    std::printf("FAIL %s: got %.17g want %.17g (rel err %.3g > %.3g)\n", what, got, want, err, tol);
-    ++failures;
-  }
-}
-
-static double dot(const Vec& x, const Vec& y) {
-  double s = 0;
-  for (size_t i = 0; i < x.size(); ++i) s += x[i] * y[i];
-  return s;
-}
 
 // Naive loss 2 - 2 cos with F.normalize's clamp, from explicit unit vectors.
 static double naive_loss(const Vec& p, const Vec& t) {

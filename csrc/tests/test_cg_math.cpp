@@ -9,17 +9,9 @@
 #include <vector>
 
 #include "bissl_fast/cg_math.h"
+#include "check.h"
 
 namespace cg = bissl_fast::cg;
-
-static int failures = 0;
-
-static void expect(bool ok, const char* what) {
-  if (!ok) {
-    std::printf("FAIL %s\n", what);
-    ++failures;
-  }
-}
 
 static void test_chunks() {
   const std::vector<int64_t> numel = {5, 0, cg::kChunk, cg::kChunk + 1, 0, 3 * cg::kChunk - 7, 1};
