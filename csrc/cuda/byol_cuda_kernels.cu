@@ -16,6 +16,7 @@
 
 #include "bissl_fast/byol_math.h"
 #include "bissl_fast/cuda_launchers.h"
+#include "element_io.cuh"
 
 namespace bissl_fast {
 namespace byol_cuda {
@@ -27,30 +28,9 @@ namespace bm = ::bissl_fast::byol;
 constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;  // 256 threads: one warp per row
 
-template <typename S>
-struct Acc {
-  using type = float;
-};
-template <>
-struct Acc<double> {
-  using type = double;
-};
-
-__device__ __forceinline__ float to_acc(float x) { return x; }
-__device__ __forceinline__ double to_acc(double x) { return x; }
-__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename S>
-__device__ __forceinline__ S from_acc(typename Acc<S>::type x);
-template <>
-__device__ __forceinline__ float from_acc<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ double from_acc<double>(double x) { return x; }
-template <>
-__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+using element_io::AccType;
+using element_io::from_acc;
+using element_io::to_acc;
 
 // VEC consecutive elements moved as one load/store (16 bytes when VEC = 16 / sizeof(S)).
 template <typename S, int VEC>
@@ -89,7 +69,7 @@ __device__ __forceinline__ int64_t warp_row() {
 // Warp-reduced p.p, t.t and p.t of one row, as the shared header's row record (every lane gets it).
 template <typename S, int VEC>
 __device__ __forceinline__ auto warp_row_stats(const S* pr, const S* tr, int64_t D, int lane) {
-  using T = typename Acc<S>::type;
+  using T = typename AccType<S>::type;
   T pp = 0, tt = 0, pt = 0;
   for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += kWarp * VEC) {
     T x[VEC], y[VEC];
@@ -121,7 +101,7 @@ template <typename S, int VEC>
 __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     bwd_kernel(const S* __restrict__ g, const S* __restrict__ p, const S* __restrict__ t, S* __restrict__ dp,
                S* __restrict__ dt, int64_t B, int64_t D) {
-  using T = typename Acc<S>::type;
+  using T = typename AccType<S>::type;
   const int64_t row = warp_row();
   if (row >= B) return;
   const int lane = threadIdx.x % kWarp;
@@ -152,7 +132,7 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     hvp_kernel(const S* __restrict__ g, const S* __restrict__ p, const S* __restrict__ t, const S* __restrict__ wp,
                const S* __restrict__ wt, S* __restrict__ dg, S* __restrict__ dp, S* __restrict__ dt, int64_t B,
                int64_t D) {
-  using T = typename Acc<S>::type;
+  using T = typename AccType<S>::type;
   const int64_t row = warp_row();
   if (row >= B) return;
   const int lane = threadIdx.x % kWarp;
