@@ -122,3 +122,12 @@ def parse_nt_xent_args(
     if z.shape[0] % m != 0:
         raise ValueError(f"z has N={z.shape[0]} rows, which is not divisible by views={m} (N = views * B)")
     return z, tau, m
+
+
+def check_size_pair(size: object) -> tuple[int, int]:
+    """An image size ``(height, width)`` from an int or a pair of ints, each >= 1."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        size = (size, size)
+    if not isinstance(size, (tuple, list)) or len(size) != 2:
+        raise ValueError(f"size must be an int or a (height, width) pair, got {size!r}")
+    return check_int_at_least("size[0]", size[0], 1), check_int_at_least("size[1]", size[1], 1)

@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_int_at_least
+from ._validation import check_int_at_least, check_size_pair
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -102,14 +102,6 @@ def _check_range(name: str, bounds: Sequence[float], low: float, high: float | N
         bound = f"{low} < min <= max" + (f" <= {high}" if high is not None else "")
         raise ValueError(f"{name} must satisfy {bound}, got {bounds!r}")
     return a, b
-
-
-def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if not isinstance(size, (tuple, list)) or len(size) != 2:
-        raise ValueError(f"size must be an int or a (height, width) pair, got {size!r}")
-    return check_int_at_least("size[0]", size[0], 1), check_int_at_least("size[1]", size[1], 1)
 
 
 class _Op(ABC):
@@ -213,7 +205,7 @@ def resized_crop(
     matrix products with per-sample interpolation matrices.
     """
     x = as_float_images(x)
-    out_h, out_w = _size_pair(size)
+    out_h, out_w = check_size_pair(size)
     b, _, height, width = x.shape
     if not isinstance(boxes, torch.Tensor) or boxes.shape != (b, 4) or boxes.is_floating_point():
         raise ValueError(f"boxes must be an integer tensor [{b}, 4] of (top, left, height, width), got {getattr(boxes, 'shape', boxes)}")
@@ -245,7 +237,7 @@ class RandomResizedCrop(_Op):
         antialias: bool = True,
         flip_p: float = 0.0,
     ) -> None:
-        self.size = _size_pair(size)
+        self.size = check_size_pair(size)
         self.scale = _check_range("scale", scale, 0.0, 1.0)
         self.ratio = _check_range("ratio", ratio, 0.0)
         self.antialias = bool(antialias)

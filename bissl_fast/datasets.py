@@ -26,16 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ._validation import check_int_at_least
+from ._validation import check_int_at_least, check_size_pair
 from .data import CIFAR10_CLASSES, IMAGE_EXTENSIONS, read_cifar10
-
-
-def _size_pair(size: int | Sequence[int]) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
-        size = (size, size)
-    if not isinstance(size, (tuple, list)) or len(size) != 2:
-        raise ValueError(f"size must be an int or a (height, width) pair, got {size!r}")
-    return check_int_at_least("size[0]", size[0], 1), check_int_at_least("size[1]", size[1], 1)
 
 
 def _existing_dir(root: str | os.PathLike) -> str:
@@ -72,7 +64,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"channels must be 1 or 3, got {channels!r}")
         if resize not in ("stretch", "center_crop"):
             raise ValueError(f"resize must be 'stretch' or 'center_crop', got {resize!r}")
-        self.size = _size_pair(size)
+        self.size = check_size_pair(size)
         self.channels, self.resize = channels, resize
         self.root = _existing_dir(root)
         extensions = tuple(e.lower() for e in extensions)
