@@ -20,35 +20,23 @@ process CPU time, several rounds; prints the median ratio and its spread) and ca
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
 import pytest
 import torch
-from bench_utils import bench_sizes_full
+from bench_utils import bench_sizes_full, provider_skip_reason
 from torch import nn
 
 from bissl_fast import convert_batchnorm, reference
-from bissl_fast._backends import backends
-from bissl_fast.models import PretextModel, SmallResNet
 from bissl_fast.solver import HessianOperator
+from bissl_fast.train.models import PretextModel, SmallResNet
 
 PROVIDERS = ["reference", "cpp", "cuda"]  # reference first: the speedups are against it
 DBWD_SMALL = [(64, 64, 32, 32), (64, 256, 8, 8)]
 DBWD_FULL = DBWD_SMALL + [(256, 64, 56, 56), (256, 256, 14, 14), (256, 1024, 14, 14)]
 RESNETS = {"small_12px": ((16, 32), 12), "small_32px": ((32, 64, 128), 32)}
 IMAGES = 64
-
-
-def _skip_reason(provider: str, device: torch.device) -> str | None:
-    if provider == "cpp" and device.type != "cpu":
-        return "the cpp provider is the CPU kernel (CUDA tensors use the cuda provider)"
-    if provider in ("cpp", "cuda") and not backends()[provider]:
-        return f"backend {provider!r} is unavailable here"
-    if provider == "cuda" and device.type != "cuda":
-        return "the cuda provider needs CUDA tensors"
-    return None
 
 
 def _layer(provider: str, channels: int, device: torch.device) -> nn.Module:
@@ -91,7 +79,7 @@ def test_batch_norm_dbwd(benchmark_op, bench_device, provider, shape):
     grid = DBWD_FULL if bench_sizes_full(bench_device) else DBWD_SMALL
     if shape not in grid:
         pytest.skip("size not in this device's grid (BISSL_BENCH_SIZES=small|full)")
-    reason = _skip_reason(provider, bench_device)
+    reason = provider_skip_reason(provider, bench_device)
     if reason:
         pytest.skip(reason)
     fn = dbwd_case(provider, shape, bench_device)
@@ -114,7 +102,7 @@ def _rel_err(out, ref) -> float:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("model", list(RESNETS))
 def test_batch_norm_hvp_resnet(benchmark_op, bench_device, provider, model):
-    reason = _skip_reason(provider, bench_device)
+    reason = provider_skip_reason(provider, bench_device)
     if reason:
         pytest.skip(reason)
     fn, op = hvp_case(provider, model, bench_device)

@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import bench_sizes_full
+from bench_utils import size_grid, skip_unless_timed
 
-from bissl_fast import reference
-from bissl_fast._timing import StreamFloor
-from bissl_fast._backends import backends
-from bissl_fast import byol_loss
+from bissl_fast import byol_loss, reference
+from bissl_fast.bench.timing import StreamFloor
 
 PROVIDERS = ["reference", "torch", "cpp", "cuda", "triton"]  # reference first: the speedups are against it
 MODES = ["fwd", "fwd+bwd", "hvp"]
@@ -51,29 +49,11 @@ def _step(loss_fn, mode: str):
     return hvp
 
 
-def _skip_reason(provider: str, device: torch.device) -> str | None:
-    if provider == "cpp" and device.type != "cpu":
-        return "the cpp provider is the CPU kernel (CUDA tensors use the cuda provider)"
-    if provider in ("cpp", "cuda") and not backends()[provider]:
-        return f"backend {provider!r} is unavailable here"
-    if provider == "cuda" and device.type != "cuda":
-        return "the cuda provider needs CUDA tensors"
-    if provider == "triton" and not (backends()["triton"] and device.type == "cuda"):
-        return "the Triton provider is timed on CUDA only (the CPU interpreter is for testing)"
-    return None
-
-
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("b,d,dtype", sorted(set(FULL) | set(SMALL), key=lambda s: (s[0], s[1], str(s[2]))),
-                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("b,d,dtype", size_grid(SMALL, FULL), ids=lambda v: str(v).replace("torch.", ""))
 def test_byol(benchmark_op, bench_device, provider, mode, b, d, dtype):
-    grid = FULL if bench_sizes_full(bench_device) else SMALL
-    if (b, d, dtype) not in grid:
-        pytest.skip("size not in this device's grid (BISSL_BENCH_SIZES=small|full)")
-    reason = _skip_reason(provider, bench_device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_timed(bench_device, provider, (b, d, dtype), SMALL, FULL)
     inputs = []
     for _ in range(2):
         p1, p2, t1, t2, v1, v2 = (torch.randn(b, d, device=bench_device, dtype=dtype) for _ in range(6))

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import bench_sizes_full
+from bench_utils import size_grid, skip_unless_timed
 
 from bissl_fast import nt_xent, reference
-from bissl_fast._backends import backends
-from bissl_fast._timing import GemmFloor
+from bissl_fast.bench.timing import GemmFloor
 
 PROVIDERS = ["reference", "torch", "triton"]  # reference first: the others' speedup is against it
 MODES = ["fwd", "fwd+bwd", "hvp"]
@@ -54,14 +53,9 @@ def _step(loss_fn, mode: str):
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("n,d,dtype", sorted(set(FULL) | set(SMALL), key=lambda s: (s[0], s[1], str(s[2]))),
-                         ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("n,d,dtype", size_grid(SMALL, FULL), ids=lambda v: str(v).replace("torch.", ""))
 def test_nt_xent(benchmark_op, bench_device, provider, mode, n, d, dtype):
-    grid = FULL if bench_sizes_full(bench_device) else SMALL
-    if (n, d, dtype) not in grid:
-        pytest.skip("size not in this device's grid (BISSL_BENCH_SIZES=small|full)")
-    if provider == "triton" and not (backends()["triton"] and bench_device.type == "cuda"):
-        pytest.skip("the Triton provider is timed on CUDA only (the CPU interpreter is for testing)")
+    skip_unless_timed(bench_device, provider, (n, d, dtype), SMALL, FULL)
     inputs = []
     for _ in range(2):
         z = torch.randn(n, d, device=bench_device, dtype=dtype, requires_grad=mode != "fwd")

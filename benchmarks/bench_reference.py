@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from bissl_fast import reference
-from bissl_fast.models import SmallResNet
+from bissl_fast.train.models import SmallResNet
 
 
 def test_reference_implicit_grad(benchmark_op, bench_device):

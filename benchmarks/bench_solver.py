@@ -17,7 +17,7 @@
 (b) CG vector work of a 5-iteration solve with the product excluded (the matvec returns its
     input), on ResNet-50's 161 parameter shapes (CUDA: 25.6 M parameters; CPU: channels / 4).
 
-The per-layer-type split of one product and one stage is ``bissl_fast.profile_hvp`` (``bissl-fast bench`` runs it with this suite).
+The per-layer-type split of one product and one stage is ``bissl_fast.bench.profile_hvp`` (``bissl-fast bench`` runs it with this suite).
 """
 from __future__ import annotations
 
@@ -28,9 +28,9 @@ from torch import nn
 
 from bissl_fast import reference
 from bissl_fast._backends import backends
-from bissl_fast._timing import StreamFloor
+from bissl_fast.bench.profile_hvp import StageProblem, stage_backbone, stage_problem
+from bissl_fast.bench.timing import StreamFloor
 from bissl_fast.nn import convert_batchnorm
-from bissl_fast.profile_hvp import StageProblem, stage_backbone, stage_problem
 from bissl_fast.solver import HessianOperator, ImplicitGradient, cg_solve, check_damping
 
 SOLVES, CG_ITERS = 8, 5

@@ -4,7 +4,7 @@ The ``benchmark_op`` fixture times ``fn(*inputs[i])`` rotating over several inpu
 and allocator reuse do not flatter a provider), synchronizes CUDA inside the timed function, warms
 up, measures peak memory once outside the timed loop, and stores everything the report needs in
 ``benchmark.extra_info``. Given the ``reference`` step of the same case, a fast provider's speedup
-is measured by ``bissl_fast._timing.interleaved_ratio``: reference and fast path alternating in this
+is measured by ``bissl_fast.bench.timing.interleaved_ratio``: reference and fast path alternating in this
 process until the p20-p80 band of the ratio is within 10% (or the row is marked unstable). Given a
 floor spec, the floor is measured once per run at the op's own size and thread count.
 
@@ -23,8 +23,15 @@ from typing import Any, Callable, Sequence
 import pytest
 import torch
 
-from bissl_fast._memory import peak_memory_bytes
-from bissl_fast._timing import GemmFloor, StreamFloor, calibrate, interleaved_ratio, machine_load, measure_floor
+from bissl_fast.bench.memory import peak_memory_bytes
+from bissl_fast.bench.timing import (
+    GemmFloor,
+    StreamFloor,
+    calibrate,
+    interleaved_ratio,
+    machine_load,
+    measure_floor,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -32,14 +32,19 @@ _LAZY = {  # public name -> module under bissl_fast
     "check_damping": "solver",
     "cg_solve": "solver",
     "top_eigenvalues": "solver",
-    "BiSSLTrainer": "trainer",
-    "BiSSLConfig": "trainer",
+    "BiSSLTrainer": "train.trainer",
+    "BiSSLConfig": "train.config",
 }
+
+# Subpackages and modules reachable as attributes (``bissl_fast.train.backbones`` after ``import bissl_fast``).
+_SUBMODULES = ("bench", "cli", "data", "experiments", "kernels", "nn", "ops", "solver", "train")
 
 __all__ = ["BackendUnavailableError", "backend_reasons", "backends", "reference", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'bissl_fast' has no attribute {name!r}")
@@ -49,4 +54,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

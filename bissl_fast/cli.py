@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from .bench_report import DEFAULT_SUITE_DIR, run_bench
+    from .bench.report import DEFAULT_SUITE_DIR, run_bench
 
     return run_bench(args.out, args.suite_dir or DEFAULT_SUITE_DIR, args.select, args.device, args.max_time,
                      args.threads, args.update_readme)
@@ -36,7 +36,7 @@ def _parser() -> _Parser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = sub.add_parser("bench", help="run the benchmark suites for this device and write a report")
     bench.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (JSON, Markdown, PNG)")
-    bench.add_argument("--suite-dir", type=Path, default=None, help="folder holding bench_*.py (default: the suites shipped in bissl_fast/benchmarks)")
+    bench.add_argument("--suite-dir", type=Path, default=None, help="folder holding bench_*.py (default: the suites shipped in bissl_fast/bench/suites)")
     bench.add_argument("--select", default=None, help="only suites whose file stem contains this string")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark (pytest-benchmark max_time)")
@@ -44,8 +44,8 @@ def _parser() -> _Parser:
     bench.add_argument("--update-readme", type=Path, default=None, help="then regenerate this README's benchmark block from the results")
     bench.set_defaults(run=_bench)
     # Commands that parse their own arguments: "module:function" called with the rest of the line.
-    sub.add_parser("demo", help="replicated experiment: BiSSL vs compute-matched continued pretext training, with statistics", add_help=False).set_defaults(entry="bissl_fast.demo:main")
-    sub.add_parser("run", help="the paper's pipeline: checkpoint -> head warm-up -> BiSSL -> fine-tuning", add_help=False).set_defaults(entry="bissl_fast.pipeline:main")
+    sub.add_parser("demo", help="replicated experiment: BiSSL vs compute-matched continued pretext training, with statistics", add_help=False).set_defaults(entry="bissl_fast.experiments.demo:main")
+    sub.add_parser("run", help="the paper's pipeline: checkpoint -> head warm-up -> BiSSL -> fine-tuning", add_help=False).set_defaults(entry="bissl_fast.experiments.pipeline:main")
     return parser
 
 

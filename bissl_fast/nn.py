@@ -91,7 +91,7 @@ def convert_batchnorm(model: nn.Module, backend: str = "auto") -> nn.Module:
     the fused kernels do not do) are left as they are, the latter with a warning.
 
     Args:
-        model: any ``nn.Module`` (torchvision/timm ResNets, :class:`bissl_fast.models.SmallResNet`, ...).
+        model: any ``nn.Module`` (torchvision/timm ResNets, :class:`bissl_fast.train.models.SmallResNet`, ...).
         backend: ``"auto" | "torch" | "cpp" | "cuda"`` for the converted layers.
     """
     if not isinstance(model, nn.Module):

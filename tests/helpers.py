@@ -1,10 +1,15 @@
 """Shared test utilities: relative errors against float64 references with named assertions,
-loss/gradient/HVP of a loss of one tensor, HVP through a tiny MLP, distributed runs."""
+loss/gradient/HVP of a loss of one tensor, HVP through a tiny MLP, distributed runs, tiny BiSSL
+models without BatchNorm, and image folders / CIFAR-10 pickles written for the data tests."""
 from __future__ import annotations
 
+import os
+import pickle
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
+from torch import nn
 
 TensorOrTensors = torch.Tensor | Sequence[torch.Tensor]
 
@@ -92,7 +97,6 @@ def free_port() -> int:
 def _distributed_entry(rank: int, world_size: int, port: int, done_dir: str, fn: Callable[..., None],
                        args: tuple) -> None:
     import datetime
-    import os
 
     import torch.distributed as dist
 
@@ -116,7 +120,6 @@ def run_distributed(fn: Callable[..., None], *args, world_size: int = 2,
     process's traceback; ranks still running after ``deadline_s`` seconds are terminated and the
     caller fails naming them.
     """
-    import os
     import tempfile
     import time
 
@@ -140,3 +143,62 @@ def run_distributed(fn: Callable[..., None], *args, world_size: int = 2,
                 if process.is_alive():
                     process.terminate()
                     process.join(5)
+
+
+class TinyLower(nn.Module):
+    """Pretext model for 8x8 digits without BatchNorm: per-view and concatenated forwards give one loss, and
+    N ranks give the one-process result (BatchNorm would normalize each with other statistics)."""
+
+    def __init__(self, byol: bool) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh())
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
+        self.predictor = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) if byol else None
+
+
+class TinyUpper(nn.Module):
+    """The downstream partner of :class:`TinyLower`: the same backbone layout and a 10-class linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh())
+        self.head = nn.Linear(16, 10)
+
+
+def flip_views(batch: torch.Tensor) -> list[torch.Tensor]:
+    """Two deterministic views of an image batch (no randomness to keep in step across runs or ranks)."""
+    return [batch, 0.9 * batch.flip(-1)]
+
+
+def write_image_folder(root, shapes=((12, 10), (9, 14), (16, 16)), classes=("cat", "dog")) -> dict[str, np.ndarray]:
+    """PNGs ``root/<class>/img<i>.png`` of random RGB pixels, one per shape ``(h, w)``; path -> written array."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    written = {}
+    for cls in classes:
+        os.makedirs(root / cls)
+        for i, (h, w) in enumerate(shapes):
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            path = root / cls / f"img{i}.png"
+            Image.fromarray(arr).save(path)
+            written[str(path)] = arr
+    return written
+
+
+def write_cifar10(root, per_batch: int = 6) -> dict[str, tuple[np.ndarray, list[int]]]:
+    """The ``cifar-10-batches-py`` pickles with ``per_batch`` random images each; batch name -> (data, labels)."""
+    folder = os.path.join(root, "cifar-10-batches-py")
+    os.makedirs(folder)
+    rng = np.random.default_rng(0)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=per_batch).tolist()
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({b"data": data, b"labels": labels}, f)
+        written[name] = (data, labels)
+    with open(os.path.join(folder, "batches.meta"), "wb") as f:
+        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
+    return written
+

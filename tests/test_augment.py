@@ -1,4 +1,4 @@
-"""Batched view augmentations (bissl_fast.augment) against plain per-image references, on CPU."""
+"""Batched view augmentations (bissl_fast.data.augment) against plain per-image references, on CPU."""
 from __future__ import annotations
 
 import colorsys
@@ -10,8 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bissl_fast.augment as augment_module
-from bissl_fast.augment import (
+import bissl_fast.data.augment as augment_module
+from bissl_fast.data.augment import (
     ColorJitter,
     Compose,
     GaussianBlur,
@@ -21,15 +21,17 @@ from bissl_fast.augment import (
     RandomHorizontalFlip,
     RandomResizedCrop,
     RandomSolarize,
-    adjust_hue,
-    blur_kernel_size,
     byol_augment,
     downstream_augment,
+    simclr_augment,
+)
+from bissl_fast.data.functional import (
+    adjust_hue,
+    blur_kernel_size,
     gaussian_blur,
     resized_crop,
     rgb_to_grayscale,
     sample_crop_boxes,
-    simclr_augment,
     solarize,
 )
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from bissl_fast.backbones import BUILTIN, build_backbone, feature_dim
+from bissl_fast.train.backbones import BUILTIN, build_backbone, feature_dim
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN))
@@ -31,7 +31,7 @@ def test_unknown_and_missing_dependencies(monkeypatch):
         build_backbone("vgg0")
     monkeypatch.setitem(sys.modules, "timm", None)
     monkeypatch.setitem(sys.modules, "torchvision", None)
-    monkeypatch.setattr("bissl_fast.backbones._installed", lambda name: False)
+    monkeypatch.setattr("bissl_fast.train.backbones._installed", lambda name: False)
     with pytest.raises(ImportError, match="pip install timm .*pip install torchvision"):
         build_backbone("resnet50")
     with pytest.raises(ImportError, match="needs timm: pip install timm"):
@@ -62,7 +62,7 @@ def test_external_models_lose_their_classifier(monkeypatch):
         return model
 
     monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
-    monkeypatch.setattr("bissl_fast.backbones._installed", lambda name: name == "timm")
+    monkeypatch.setattr("bissl_fast.train.backbones._installed", lambda name: name == "timm")
     module, width = build_backbone("resnet50")
     assert calls == [("resnet50", False, 0, 3)] and width == 4
     fake_tv = types.SimpleNamespace(models=types.SimpleNamespace(get_model=lambda name, weights: _FakeResNet()))

@@ -156,7 +156,7 @@ def test_unknown_attribute_raises():
 
 
 def test_bench_report_summarizes_pytest_benchmark_json(tmp_path):
-    from bissl_fast.bench_report import markdown_table, plot, summarize
+    from bissl_fast.bench.report import markdown_table, plot, summarize
 
     fake = {
         "benchmarks": [

@@ -12,10 +12,16 @@ import torch
 from helpers import rel_err
 from torch import nn
 
-from bissl_fast import BackendUnavailableError, BatchNorm1d, BatchNorm2d, batch_norm, convert_batchnorm
+from bissl_fast import (
+    BackendUnavailableError,
+    BatchNorm1d,
+    BatchNorm2d,
+    batch_norm,
+    convert_batchnorm,
+)
 from bissl_fast._backends import backend_reasons, backends
-from bissl_fast.models import SmallResNet
 from bissl_fast.ops import batch_norm as bn_mod
+from bissl_fast.train.models import SmallResNet
 
 needs_cpp = pytest.mark.skipif(not backends()["cpp"], reason=backend_reasons().get("cpp", ""))
 KERNEL_BACKENDS = [

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from bissl_fast import bench_report, cli
-from bissl_fast.bench_report import (
+from bissl_fast import cli
+from bissl_fast.bench import report as bench_report
+from bissl_fast.bench.report import (
     FLOOR_NOTE,
     README_END,
     BenchError,
@@ -29,7 +30,7 @@ def test_readme_cpu_table_is_what_the_committed_results_render():
     assert results.is_file(), f"the README's benchmark block points at {source}, which is not committed"
     assert block == render_readme_block(json.loads(results.read_text()), source), (
         "README benchmark block is stale: regenerate it with "
-        "python -c 'from bissl_fast.bench_report import update_readme; update_readme(\"README.md\", \"" + source + "\")'"
+        "python -c 'from bissl_fast.bench.report import update_readme; update_readme(\"README.md\", \"" + source + "\")'"
     )
 
 

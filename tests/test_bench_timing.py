@@ -1,4 +1,4 @@
-"""The timing primitives of the benchmarks (bissl_fast._timing) and the per-layer-type profile split."""
+"""The timing primitives of the benchmarks (bissl_fast.bench.timing) and the per-layer-type profile split."""
 from __future__ import annotations
 
 import time
@@ -6,7 +6,7 @@ import time
 import pytest
 import torch
 
-from bissl_fast._timing import (
+from bissl_fast.bench.timing import (
     GemmFloor,
     StreamFloor,
     calibrate,
@@ -117,7 +117,14 @@ def test_calibrate_reports_its_kernel_times():
 
 
 def test_profile_splits_a_bn_net_by_phase_and_layer_type(one_thread):
-    from bissl_fast.profile_hvp import LAYER_TYPES, PHASES, format_breakdown, profile_stage, stage_backbone, stage_problem
+    from bissl_fast.bench.profile_hvp import (
+        LAYER_TYPES,
+        PHASES,
+        format_breakdown,
+        profile_stage,
+        stage_backbone,
+        stage_problem,
+    )
 
     net, dim = stage_backbone("bnconv")
     problem = stage_problem("simclr", net, dim, batch=4, res=8, device=torch.device("cpu"), solves=2, mark_ranges=True)
@@ -138,7 +145,7 @@ def test_profile_splits_a_bn_net_by_phase_and_layer_type(one_thread):
 
 
 def test_stage_backbone_rejects_unknown_names():
-    from bissl_fast.profile_hvp import stage_backbone, stage_problem
+    from bissl_fast.bench.profile_hvp import stage_backbone, stage_problem
 
     with pytest.raises(ValueError, match="unknown stage backbone"):
         stage_backbone("vgg")

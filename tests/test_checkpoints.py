@@ -7,8 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from bissl_fast.checkpoints import HEAD_PREFIXES, load_weights, read_checkpoint, save_atomic
-from bissl_fast.heads import projector
+from bissl_fast.train.checkpoints import (
+    HEAD_PREFIXES,
+    load_weights,
+    read_checkpoint,
+    save_atomic,
+)
+from bissl_fast.train.heads import projector
 
 
 def _backbone(seed: int = 0) -> nn.Module:

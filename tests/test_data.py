@@ -1,14 +1,14 @@
 """Data readers (digits, CIFAR-10 pickles, image folders), augmentations and the resumable loader."""
 from __future__ import annotations
 
-import os
 import pickle
 
 import numpy as np
 import pytest
 import torch
+from helpers import write_cifar10, write_image_folder
 
-from bissl_fast.data import (
+from bissl_fast.data.tensors import (
     BatchAugment,
     TensorLoader,
     load_cifar10,
@@ -31,24 +31,8 @@ def test_digits_shapes_and_range():
     assert torch.allclose(up.x.mean(dim=(1, 2, 3)), d.x.mean(dim=(1, 2, 3)), atol=0.02)
 
 
-def _write_cifar(root: str, per_batch: int = 4) -> dict[str, np.ndarray]:
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder)
-    rng = np.random.default_rng(0)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=per_batch).tolist()
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels}, f)
-        written[name] = data
-    with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
-    return written
-
-
 def test_cifar10_reader(tmp_path):
-    written = _write_cifar(str(tmp_path))
+    written = {name: data for name, (data, _) in write_cifar10(str(tmp_path), per_batch=4).items()}
     train = load_cifar10(tmp_path, train=True)
     assert train.x.shape == (20, 3, 32, 32) and train.y.shape == (20,)
     assert train.classes == [f"c{i}" for i in range(10)]
@@ -64,7 +48,7 @@ def test_cifar10_errors(tmp_path):
         load_cifar10(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="data_batch_1"):
         load_cifar10(tmp_path)
-    _write_cifar(str(tmp_path))
+    write_cifar10(str(tmp_path), per_batch=4)
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     bad.write_bytes(b"not a pickle")
     with pytest.raises(ValueError, match="data_batch_3"):
@@ -79,20 +63,8 @@ def test_cifar10_errors(tmp_path):
         load_dataset("mnist")
 
 
-def _write_folder(root, sizes=((10, 12),) * 3, classes=("cat", "dog")):
-    from PIL import Image
-
-    rng = np.random.default_rng(1)
-    for cls in classes:
-        os.makedirs(root / cls)
-        for i, (h, w) in enumerate(sizes):
-            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            Image.fromarray(arr).save(root / cls / f"img{i}.png")
-    return arr
-
-
 def test_imagefolder_reader(tmp_path):
-    last = _write_folder(tmp_path)
+    last = list(write_image_folder(tmp_path, shapes=((10, 12),) * 3).values())[-1]
     (tmp_path / "dog" / "notes.txt").write_text("ignored: not an image")
     d = load_imagefolder(tmp_path)
     assert d.x.shape == (6, 3, 10, 12) and d.classes == ["cat", "dog"]
@@ -111,7 +83,7 @@ def test_imagefolder_errors(tmp_path):
     with pytest.raises(ValueError, match="contains no images"):
         load_imagefolder(tmp_path)
     (tmp_path / "empty").rmdir()
-    _write_folder(tmp_path, sizes=((10, 12), (9, 12)), classes=("a",))
+    write_image_folder(tmp_path, shapes=((10, 12), (9, 12)), classes=("a",))
     with pytest.raises(ValueError, match="pass size"):
         load_imagefolder(tmp_path)
     assert load_imagefolder(tmp_path, size=6).x.shape == (2, 3, 6, 6)

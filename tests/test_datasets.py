@@ -10,8 +10,11 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler, TensorDataset
 
-from bissl_fast.augment import simclr_augment
-from bissl_fast.datasets import CIFAR10Dataset, ImageFolderDataset, make_loader
+from helpers import write_cifar10 as _write_cifar
+from helpers import write_image_folder as _write_folder
+
+from bissl_fast.data.augment import simclr_augment
+from bissl_fast.data.datasets import CIFAR10Dataset, ImageFolderDataset, make_loader
 
 try:
     from PIL import Image
@@ -19,36 +22,6 @@ except ImportError:  # pillow is an optional extra: the image-folder tests need 
     Image = None
 
 needs_pillow = pytest.mark.skipif(Image is None, reason="needs Pillow (pip install pillow)")
-
-
-def _write_folder(root, shapes=((12, 10), (9, 14), (16, 16)), classes=("cat", "dog")) -> dict[str, np.ndarray]:
-    """PNGs root/<class>/img<i>.png with random pixels; returns path -> the written HxWx3 array."""
-    rng = np.random.default_rng(1)
-    written = {}
-    for cls in classes:
-        os.makedirs(root / cls)
-        for i, (h, w) in enumerate(shapes):
-            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
-            path = root / cls / f"img{i}.png"
-            Image.fromarray(arr).save(path)
-            written[str(path)] = arr
-    return written
-
-
-def _write_cifar(root, per_batch: int = 6) -> dict[str, tuple[np.ndarray, list[int]]]:
-    folder = os.path.join(root, "cifar-10-batches-py")
-    os.makedirs(folder)
-    rng = np.random.default_rng(0)
-    written = {}
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 256, size=(per_batch, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, size=per_batch).tolist()
-        with open(os.path.join(folder, name), "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels}, f)
-        written[name] = (data, labels)
-    with open(os.path.join(folder, "batches.meta"), "wb") as f:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
-    return written
 
 
 # --------------------------------------------------------------------------------------------

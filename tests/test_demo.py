@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from bissl_fast import demo, demo_experiment, demo_report, stats
-from bissl_fast.data import BatchAugment
+from bissl_fast.data.tensors import BatchAugment
+from bissl_fast.experiments import demo, demo_experiment, demo_report, stats
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "benchmarks" / "results" / "demo_cpu_digits_simclr" / "summary.json"
@@ -63,7 +63,7 @@ def _settings(**overrides):
 
 @pytest.mark.parametrize("pretext", ["simclr", "byol"])
 def test_replicate_control_replays_the_bissl_lower_batches(pretext, one_intra_op_thread):
-    from bissl_fast.data import load_digits
+    from bissl_fast.data.tensors import load_digits
 
     data = load_digits(size=None)
     record = demo_experiment.run_replicate(_settings(pretext=pretext), data, 7, torch.device("cpu"))

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import rel_err
 from torch import nn
 
-from bissl_fast.ema import BYOL_MOMENTUM, EMATarget
-from helpers import rel_err
+from bissl_fast.train.ema import BYOL_MOMENTUM, EMATarget
 
 
 def test_update_is_the_ema_formula_and_buffers_stay_the_targets():

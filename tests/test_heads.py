@@ -5,7 +5,14 @@ import pytest
 import torch
 from torch import nn
 
-from bissl_fast.heads import PAPER_MLP, Classifier, ProjectionModel, linear_head, predictor, projector
+from bissl_fast.train.heads import (
+    PAPER_MLP,
+    Classifier,
+    ProjectionModel,
+    linear_head,
+    predictor,
+    projector,
+)
 
 
 def test_projector_layout_is_the_papers():

@@ -6,10 +6,24 @@ import importlib
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import LOSS_GRAD_HVP, assert_close_rel, assert_loss_grad_hvp_close, loss_grad_hvp, mlp_hvp, rel_err
+from helpers import (
+    LOSS_GRAD_HVP,
+    assert_close_rel,
+    assert_loss_grad_hvp_close,
+    loss_grad_hvp,
+    mlp_hvp,
+    rel_err,
+)
 
-from bissl_fast import BackendUnavailableError, NTXentFunction, NTXentLoss, backends, nt_xent, reference
-from bissl_fast._memory import peak_memory_bytes
+from bissl_fast import (
+    BackendUnavailableError,
+    NTXentFunction,
+    NTXentLoss,
+    backends,
+    nt_xent,
+    reference,
+)
+from bissl_fast.bench.memory import peak_memory_bytes
 from bissl_fast.kernels import nt_xent_torch
 from bissl_fast.ops import nt_xent as ntx
 

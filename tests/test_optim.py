@@ -5,9 +5,14 @@ import math
 
 import pytest
 import torch
-
-from bissl_fast.optim import LARS, WarmupCosine, warmup_cosine, warmup_cosine_factor
 from helpers import rel_err
+
+from bissl_fast.train.optim import (
+    LARS,
+    WarmupCosine,
+    warmup_cosine,
+    warmup_cosine_factor,
+)
 
 
 def _hand_lars(params, grads, mus, lr, wd, momentum, eta):

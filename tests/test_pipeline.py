@@ -7,8 +7,12 @@ import os
 import pytest
 import torch
 
-from bissl_fast.backbones import build_backbone
-from bissl_fast.pipeline import PipelineConfig, config_from_toml, run_pipeline
+from bissl_fast.experiments.pipeline import (
+    PipelineConfig,
+    config_from_toml,
+    run_pipeline,
+)
+from bissl_fast.train.backbones import build_backbone
 
 pytestmark = pytest.mark.slow
 
@@ -176,15 +180,16 @@ def test_cli_flags_override_the_config_file(tmp_path, capsys):
 def test_every_setting_has_help():
     from dataclasses import fields
 
-    from bissl_fast.pipeline import FIELD_HELP
+    from bissl_fast.experiments.pipeline import FIELD_HELP
 
     assert sorted(FIELD_HELP) == sorted(f.name for f in fields(PipelineConfig))
 
 
 def test_paper_augmentations_work_in_unit_range_and_need_rgb(tmp_path):
     """augment='paper' augments de-normalized images in [0, 1] and normalizes the views back."""
-    from bissl_fast.data import normalize_stats
-    from bissl_fast.pipeline import _Augment, _Splits
+    from bissl_fast.data.tensors import normalize_stats
+    from bissl_fast.experiments.pipeline.inputs import Augment as _Augment
+    from bissl_fast.experiments.pipeline.inputs import Splits as _Splits
 
     gen = torch.Generator().manual_seed(0)
     raw = torch.rand(16, 3, 12, 12, generator=gen)

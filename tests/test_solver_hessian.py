@@ -17,10 +17,9 @@ from helpers import rel_err
 from torch import nn
 
 from bissl_fast import reference as R
-from bissl_fast._memory import peak_memory_bytes
-from bissl_fast.models import PretextModel, SmallResNet
+from bissl_fast.bench.memory import peak_memory_bytes
 from bissl_fast.solver import HessianOperator
-
+from bissl_fast.train.models import PretextModel, SmallResNet
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

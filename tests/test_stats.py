@@ -1,4 +1,4 @@
-"""bissl_fast.stats against hand-computed cases and published t quantiles."""
+"""bissl_fast.experiments.stats against hand-computed cases and published t quantiles."""
 from __future__ import annotations
 
 import itertools
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from bissl_fast import stats
+from bissl_fast.experiments import stats
 
 
 @pytest.mark.parametrize(

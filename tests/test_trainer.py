@@ -8,13 +8,16 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import rel_err
 from torch import nn
 
 from bissl_fast import reference
-from bissl_fast.data import BatchAugment, TensorLoader, load_digits
-from bissl_fast.models import DownstreamModel, PretextModel, SmallResNet
-from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer, StageLog
-from helpers import rel_err
+from bissl_fast.data.tensors import BatchAugment, TensorLoader, load_digits
+from bissl_fast.train.config import BiSSLConfig
+from bissl_fast.train.heads import Classifier
+from bissl_fast.train.models import PretextModel, SmallResNet
+from bissl_fast.train.stage import StageLog
+from bissl_fast.train.trainer import BiSSLTrainer
 
 
 @pytest.fixture(autouse=True)
@@ -31,11 +34,11 @@ def digits():
     return load_digits(size=None)
 
 
-def _models(pretext: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[PretextModel, DownstreamModel]:
+def _models(pretext: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[PretextModel, Classifier]:
     torch.manual_seed(seed)
     backbone = SmallResNet(1, widths=(4, 8), blocks=(1, 1))
     lower = PretextModel(backbone, backbone.out_dim, proj_dim=8, hidden_dim=16, predictor=pretext == "byol")
-    upper = DownstreamModel(copy.deepcopy(backbone), backbone.out_dim, 10)
+    upper = Classifier(copy.deepcopy(backbone), backbone.out_dim, 10)
     # The upper backbone starts elsewhere than the lower one, so the proximal term is non-zero.
     with torch.no_grad():
         for p in upper.backbone.parameters():
@@ -255,10 +258,10 @@ def test_errors(digits):
         BiSSLTrainer(lower, nn.Linear(2, 2), loader, loader, opt_l, opt_u)
     with pytest.raises(TypeError, match=r"\.predictor"):
         BiSSLTrainer(lower, upper, loader, loader, opt_l, opt_u, BiSSLConfig(pretext="byol"))
-    wide = DownstreamModel(SmallResNet(1, widths=(4, 12), blocks=(1, 1)), 12, 10)
+    wide = Classifier(SmallResNet(1, widths=(4, 12), blocks=(1, 1)), 12, 10)
     with pytest.raises(ValueError, match="backbone parameter .* identical architectures"):
         BiSSLTrainer(lower, wide, loader, loader, opt_l, opt_u)
-    deeper = DownstreamModel(SmallResNet(1, widths=(4, 8), blocks=(1, 2)), 8, 10)
+    deeper = Classifier(SmallResNet(1, widths=(4, 8), blocks=(1, 2)), 8, 10)
     with pytest.raises(ValueError, match="same parameters"):
         BiSSLTrainer(lower, deeper, loader, loader, opt_l, opt_u)
     with pytest.raises(TypeError, match="lower_optimizer"):

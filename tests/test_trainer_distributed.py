@@ -12,33 +12,18 @@ import tempfile
 
 import pytest
 import torch
+from helpers import TinyLower as _Lower
+from helpers import TinyUpper as _Upper
+from helpers import flip_views as _views
+from helpers import run_distributed
 from torch import nn
 
-from bissl_fast.data import TensorLoader, load_digits
-from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer
-from helpers import run_distributed
+from bissl_fast.data.tensors import TensorLoader, load_digits
+from bissl_fast.train.config import BiSSLConfig
+from bissl_fast.train.trainer import BiSSLTrainer
 
 WORLD = 2
 PER_RANK = 8
-
-
-class _Lower(nn.Module):
-    def __init__(self, byol: bool) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh())
-        self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
-        self.predictor = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) if byol else None
-
-
-class _Upper(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh())
-        self.head = nn.Linear(16, 10)
-
-
-def _views(batch: torch.Tensor) -> list[torch.Tensor]:
-    return [batch, 0.9 * batch.flip(-1)]
 
 
 def _models(pretext: str) -> tuple[_Lower, _Upper]:

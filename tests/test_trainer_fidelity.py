@@ -5,14 +5,19 @@ import copy
 
 import pytest
 import torch
+from helpers import TinyLower as _Lower
+from helpers import TinyUpper as _Upper
+from helpers import flip_views as _views
+from helpers import rel_err
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from bissl_fast import reference
-from bissl_fast.data import TensorLoader, load_digits
-from bissl_fast.models import DownstreamModel, PretextModel, SmallResNet
-from bissl_fast.trainer import BiSSLConfig, BiSSLTrainer
-from helpers import rel_err
+from bissl_fast.data.tensors import TensorLoader, load_digits
+from bissl_fast.train.config import BiSSLConfig
+from bissl_fast.train.heads import Classifier
+from bissl_fast.train.models import PretextModel, SmallResNet
+from bissl_fast.train.trainer import BiSSLTrainer
 
 
 @pytest.fixture(autouse=True)
@@ -25,39 +30,18 @@ def digits():
     return load_digits(size=None)
 
 
-class _Lower(nn.Module):
-    """No BatchNorm anywhere: per-view and concatenated forwards give the same loss."""
-
-    def __init__(self, byol: bool) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh())
-        self.head = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8))
-        self.predictor = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 8)) if byol else None
-
-
-class _Upper(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.backbone = nn.Sequential(nn.Flatten(), nn.Linear(64, 24), nn.Tanh(), nn.Linear(24, 16), nn.Tanh())
-        self.head = nn.Linear(16, 10)
-
-
 def _models(pretext: str, batchnorm: bool) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     if batchnorm:
         backbone = SmallResNet(1, widths=(4, 8), blocks=(1, 1))
         lower = PretextModel(backbone, 8, proj_dim=8, hidden_dim=16, predictor=pretext == "byol")
-        upper = DownstreamModel(copy.deepcopy(backbone), 8, 10)
+        upper = Classifier(copy.deepcopy(backbone), 8, 10)
     else:
         lower, upper = _Lower(pretext == "byol"), _Upper()
     with torch.no_grad():
         for p in upper.backbone.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return lower.double(), upper.double()
-
-
-def _views(batch: torch.Tensor) -> list[torch.Tensor]:
-    return [batch, 0.9 * batch.flip(-1)]
 
 
 def _trainer(digits, pretext, batchnorm=False, lower_loader=None, **cfg) -> BiSSLTrainer:

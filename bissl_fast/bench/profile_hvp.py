@@ -14,7 +14,7 @@ node (profiler sequence numbers), so the double backward of a BatchNorm counts a
 Each run is profiled several times after a warm-up and every cell keeps its least value, so a
 preemption by another process does not land in one layer type's column.
 
-    python -m bissl_fast.profile_hvp --out profile.json        # table on stdout, JSON to --out
+    python -m bissl_fast.bench.profile_hvp --out profile.json        # table on stdout, JSON to --out
 
 The models are the upper-stage benchmark's CPU models (``stage_backbone``): the built-in
 SmallResNet at widths (16, 32) and (16, 32, 64), and a plain conv-BatchNorm-ReLU net.
@@ -32,9 +32,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from . import reference
-from .models import PretextModel, SmallResNet, resnet18_cifar
-from .solver import HessianOperator, ImplicitGradient
+from .. import reference
+from ..solver import HessianOperator, ImplicitGradient
+from ..train.models import PretextModel, SmallResNet, resnet18_cifar
 
 PHASES = ("forward", "first-order graph", "double backward", "CG vector work")
 LAYER_TYPES = ("conv", "BatchNorm", "linear", "activation", "loss", "other")
@@ -299,7 +299,7 @@ def format_profiles(profiles: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bissl_fast.profile_hvp", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bissl_fast.bench.profile_hvp", description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(CPU_MODELS), choices=["small", "small3", "bnconv", "resnet18"])
     parser.add_argument("--loss", default="simclr", choices=["simclr", "byol"])
     parser.add_argument("--out", type=Path, default=None, help="write the breakdown as JSON here")

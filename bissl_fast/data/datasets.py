@@ -6,7 +6,7 @@
 
 Both yield ``(image, label)`` with ``image`` a ``uint8`` tensor ``[C, H, W]`` and ``label`` an int, so
 a batch is ``(uint8 [B, C, H, W], int64 [B])``: four times less to copy than float32. Move the batch
-to the device first and augment there; the augmentations of :mod:`bissl_fast.augment` take uint8
+to the device first and augment there; the augmentations of :mod:`bissl_fast.data.augment` take uint8
 batches (as float / 255)::
 
     loader = make_loader(CIFAR10Dataset(root), 256, shuffle=True, seed=0, workers=4, drop_last=True)
@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from ._validation import check_int_at_least, check_size_pair
-from .data import CIFAR10_CLASSES, IMAGE_EXTENSIONS, read_cifar10
+from .._validation import check_int_at_least, check_size_pair
+from .tensors import CIFAR10_CLASSES, IMAGE_EXTENSIONS, read_cifar10
 
 
 def _existing_dir(root: str | os.PathLike) -> str:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._validation import check_float_tensor, check_int_at_least, check_nonnegative
+from .._validation import check_float_tensor, check_int_at_least, check_nonnegative
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".ppm", ".pgm", ".tif", ".tiff", ".webp")
 

@@ -1,10 +1,10 @@
 """The main job: does BiSSL beat a compute-matched control? A replicated, paired experiment.
 
-``bissl-fast demo`` (or ``python -m bissl_fast.demo``) runs ``--replicates`` independent replicates
+``bissl-fast demo`` (or ``python -m bissl_fast.experiments.demo``) runs ``--replicates`` independent replicates
 (scikit-learn's digits by default). Replicate ``k`` has the seed ``--seed + k``, and every random
 choice in it (split, initialization, augmentations, pretraining, BiSSL, fine-tuning) derives from
 that one seed, so ``--seed S --replicates 1`` re-runs replicate ``S`` alone. Per replicate
-(:mod:`bissl_fast.demo_experiment`): a held-out test split no stage sees, a validation split,
+(:mod:`bissl_fast.experiments.demo_experiment`): a held-out test split no stage sees, a validation split,
 SimCLR/BYOL pretraining, then four arms sharing it -- (A) the pretext backbone, (C) pretext
 training continued for exactly BiSSL's lower-level steps on the same batches, (B) BiSSL's lower
 backbone, (D) BiSSL's upper backbone -- each fine-tuned with a fresh head and the same seed.
@@ -29,9 +29,15 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
-from .data import ImageDataset, load_dataset
+from ..data.tensors import ImageDataset, load_dataset
 from .demo_experiment import ExperimentSettings, run_replicate
-from .demo_report import format_text, readme_block, summarize, update_readme, write_figure
+from .demo_report import (
+    format_text,
+    readme_block,
+    summarize,
+    update_readme,
+    write_figure,
+)
 
 
 class _OneLineErrorParser(argparse.ArgumentParser):
@@ -321,7 +327,7 @@ def _run(args: argparse.Namespace, data: ImageDataset) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Console entry point (``bissl-fast demo ...`` / ``python -m bissl_fast.demo ...``)."""
+    """Console entry point (``bissl-fast demo ...`` / ``python -m bissl_fast.experiments.demo ...``)."""
     parser = build_parser()
     args = resolve(parser.parse_args(argv))
     try:

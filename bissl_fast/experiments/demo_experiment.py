@@ -29,12 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import BatchAugment, ImageDataset, TensorLoader, normalize_stats
-from .ema import EMATarget
-from .models import DownstreamModel, PretextModel, SmallResNet
-from .ops.byol import byol_loss
-from .ops.nt_xent import nt_xent
-from .trainer import BiSSLConfig, BiSSLTrainer
+from ..data.tensors import BatchAugment, ImageDataset, TensorLoader, normalize_stats
+from ..ops.byol import byol_loss
+from ..ops.nt_xent import nt_xent
+from ..train.config import BiSSLConfig
+from ..train.ema import EMATarget
+from ..train.heads import Classifier
+from ..train.models import PretextModel, SmallResNet
+from ..train.trainer import BiSSLTrainer
 
 ARMS: dict[str, str] = {
     "A": "pretext backbone",
@@ -179,7 +181,7 @@ def pretrain(model: PretextModel, stream: ViewStream, epochs: int, lr: float, pr
     return curve
 
 
-def linear_probe(model: DownstreamModel, x: torch.Tensor, y: torch.Tensor, steps: int = 200) -> None:
+def linear_probe(model: Classifier, x: torch.Tensor, y: torch.Tensor, steps: int = 200) -> None:
     """Fit the head of ``model`` on frozen backbone features of ``x`` ``[n, C, H, W]`` (BiSSL's head warm-up)."""
     with torch.no_grad():
         model.eval()
@@ -210,14 +212,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 51
 def finetune(
     backbone: nn.Module, feature_dim: int, num_classes: int, x: torch.Tensor, y: torch.Tensor,
     epochs: int, lr: float, seed: int, augment: BatchAugment,
-) -> tuple[DownstreamModel, list[float]]:
+) -> tuple[Classifier, list[float]]:
     """Fine-tune a copy of ``backbone`` with a fresh linear head (AdamW, cosine) on ``x`` ``[n, C, H, W]``, ``y`` ``[n]``.
 
     ``seed`` fixes the head initialization, batch order and augmentations, so arms fine-tuned with
     one seed differ only in their backbone. Returns the model and the mean train loss per epoch.
     """
     torch.manual_seed(seed)
-    model = DownstreamModel(copy.deepcopy(backbone), feature_dim, num_classes).to(x.device)
+    model = Classifier(copy.deepcopy(backbone), feature_dim, num_classes).to(x.device)
     loader = TensorLoader(x, y, batch_size=min(32, x.shape[0]), seed=seed)
     gen = torch.Generator(device=x.device).manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -287,7 +289,7 @@ def run_replicate(
 
     # BiSSL (arms B and D): head warm-up, then the bilevel stages.
     torch.manual_seed(derive_seed(replicate_seed, "bissl-head"))
-    upper = DownstreamModel(copy.deepcopy(pretext.backbone), feature_dim, data.num_classes).to(device)
+    upper = Classifier(copy.deepcopy(pretext.backbone), feature_dim, data.num_classes).to(device)
     linear_probe(upper, x_lab, y_lab)
     lower = copy.deepcopy(pretext)
     config = BiSSLConfig(

@@ -1,12 +1,12 @@
 """Statistics, text table, Markdown block and figure of the demo's replicated experiment.
 
-:func:`summarize` turns the per-replicate records of :func:`bissl_fast.demo_experiment.run_replicate`
+:func:`summarize` turns the per-replicate records of :func:`bissl_fast.experiments.demo_experiment.run_replicate`
 into the summary the demo writes as ``summary.json``; everything else here renders a summary:
 :func:`format_text` (the printed table), :func:`render_markdown` (the README block between
 ``<!-- demo:start -->`` and ``<!-- demo:end -->``, so the README always shows what the committed
 JSON says), :func:`write_figure` (``summary.png``, needs matplotlib).
 
-``python -m bissl_fast.demo_report SUMMARY_JSON --readme README.md [--figure PNG]`` regenerates the
+``python -m bissl_fast.experiments.demo_report SUMMARY_JSON --readme README.md [--figure PNG]`` regenerates the
 README block (and the figure) from a summary without re-running anything.
 """
 from __future__ import annotations
@@ -18,7 +18,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .demo_experiment import ARMS
-from .stats import PairedComparison, compare_paired, conclusion_sentence, min_attainable_pvalue
+from .stats import (
+    PairedComparison,
+    compare_paired,
+    conclusion_sentence,
+    min_attainable_pvalue,
+)
 
 README_START = "<!-- demo:start -->"
 README_END = "<!-- demo:end -->"
@@ -271,8 +276,8 @@ def write_figure(summary: dict[str, Any], path: str | Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m bissl_fast.demo_report SUMMARY_JSON [--readme README.md] [--figure PNG]``."""
-    p = argparse.ArgumentParser(prog="python -m bissl_fast.demo_report", description=main.__doc__)
+    """``python -m bissl_fast.experiments.demo_report SUMMARY_JSON [--readme README.md] [--figure PNG]``."""
+    p = argparse.ArgumentParser(prog="python -m bissl_fast.experiments.demo_report", description=main.__doc__)
     p.add_argument("summary", type=Path, help="summary.json written by bissl-fast demo")
     p.add_argument("--readme", type=Path, default=None, help="README whose demo block to regenerate")
     p.add_argument("--figure", type=Path, default=None, help="write the figure to this PNG")

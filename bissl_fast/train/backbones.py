@@ -3,7 +3,7 @@
 Every backbone maps images ``[B, in_channels, H, W]`` to features ``[B, feature_dim]``.
 
 - Built-in (no extra dependency): ``tiny_resnet`` / ``small_resnet`` / ``resnet18_cifar``
-  (:mod:`bissl_fast.models`, BatchNorm) and ``tiny_cnn`` (two convolutions, tanh, no BatchNorm:
+  (:mod:`bissl_fast.train.models`, BatchNorm) and ``tiny_cnn`` (two convolutions, tanh, no BatchNorm:
   its result does not depend on how a batch is split over ranks).
 - ``resnet18`` / ``resnet34`` / ``resnet50`` / ``resnet101`` / ``resnet152``: timm's model (the
   paper's choice) when timm is installed, else torchvision's; ``timm:<name>`` or
@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ._validation import check_int_at_least
+from .._validation import check_int_at_least
 from .models import SmallResNet, resnet18_cifar
 
 

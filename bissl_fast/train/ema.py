@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._validation import check_nonnegative
+from .._validation import check_nonnegative
 
 #: The BYOL paper's (and BiSSL's) target decay.
 BYOL_MOMENTUM = 0.9995

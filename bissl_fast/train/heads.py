@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ._validation import check_int_at_least
+from .._validation import check_int_at_least
 
 #: The paper's projector / predictor widths after the input: ``feat -> 256 -> 256 -> 256``.
 PAPER_MLP = (256, 256, 256)

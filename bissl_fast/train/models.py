@@ -1,8 +1,9 @@
 """Small ResNet-style models for tests, benchmarks and the demo (no torchvision needed).
 
 ``SmallResNet`` is a CIFAR-style ResNet (3x3 stem, BasicBlocks, BatchNorm, global pooling) whose
-width and depth are arguments; ``resnet18_cifar`` gives the standard ResNet-18 layout. The heads
-are the usual SimCLR projector and BYOL predictor MLPs.
+width and depth are arguments; ``resnet18_cifar`` gives the standard ResNet-18 layout.
+:class:`PretextModel` carries the small SimCLR projector / BYOL predictor MLPs used with them (the
+paper's wider heads and the linear classifier are in :mod:`bissl_fast.train.heads`).
 """
 from __future__ import annotations
 
@@ -71,18 +72,6 @@ class PretextModel(nn.Module):
         self.backbone = backbone
         self.head = mlp_head(feature_dim, hidden_dim, proj_dim)
         self.predictor = mlp_head(proj_dim, hidden_dim, proj_dim) if predictor else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(x))
-
-
-class DownstreamModel(nn.Module):
-    """Upper-level model: ``backbone`` + linear classification ``head``."""
-
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(feature_dim, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

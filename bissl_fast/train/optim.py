@@ -19,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from ._validation import check_int_at_least, check_nonnegative, check_positive
+from .._validation import check_int_at_least, check_nonnegative, check_positive
 
 
 class LARS(torch.optim.Optimizer):

@@ -38,7 +38,7 @@ def _epoch_setters(loader: Any) -> list[Any]:
 class BatchStream:
     """Endless batches from a loader, with a checkpointable position.
 
-    Loaders with ``state_dict``/``load_state_dict`` (e.g. :class:`bissl_fast.data.TensorLoader`)
+    Loaders with ``state_dict``/``load_state_dict`` (e.g. :class:`bissl_fast.data.tensors.TensorLoader`)
     save their own position. For any other iterable (e.g. ``torch.utils.data.DataLoader``) the
     stream records torch's global RNG state and the loader's generators at the moment the current
     pass started (a shuffling sampler and worker seeds draw from them in ``iter()``) plus the

@@ -9,10 +9,10 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 from torch import nn
 
-from . import reference
+from .. import reference
 
 if TYPE_CHECKING:
-    from .trainer import BiSSLConfig
+    from .config import BiSSLConfig
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -90,7 +90,7 @@ def implicit_solver(
         yield solve_recompute_per_tensor
         return
 
-    from .solver import HessianOperator, ImplicitGradient
+    from ..solver import HessianOperator, ImplicitGradient
 
     # Reverse-over-reverse on the retained graph: the fused losses are autograd.Functions
     # without torch.func support, which the operator's forward-over-reverse mode needs.
