@@ -270,3 +270,21 @@ def test_paper_augmentations_work_in_unit_range_and_need_rgb(tmp_path):
         assert torch.allclose(aug.downstream(grey), grey, atol=1e-5)  # crops and flips of a constant image
     with pytest.raises(ValueError, match="augment='paper' needs RGB"):
         run_pipeline(tiny(tmp_path, augment="paper"))
+
+
+def test_data_change_names_what_differs():
+    from bissl_fast.data.tensors import ImageDataset
+    from bissl_fast.experiments.pipeline.inputs import data_change, data_fingerprint
+
+    images = torch.rand(4, 1, 3, 3)
+    labels = torch.tensor([0, 1, 0, 1])
+    saved = data_fingerprint(ImageDataset(images, labels, ["a", "b"], "digits"), None)
+    assert data_change(saved, data_fingerprint(ImageDataset(images.clone(), labels.clone(), ["a", "b"], "digits"), None)) is None
+    other = data_fingerprint(ImageDataset(torch.cat([images, images[:1]]), torch.cat([labels, labels[:1]]), ["a", "b"], "x"), None)
+    assert data_change(saved, other) == "other images were loaded (5 now, 4 before)"
+    relabeled = data_fingerprint(ImageDataset(images, labels.flip(0), ["a", "b"], "digits"), None)
+    assert data_change(saved, relabeled) == "other images were loaded (4 now, 4 before)"
+    folders = {name: [10, 100, 1] for name in "abcde"}
+    changed = dict(other, folders={**{name: [9, 90, 2] for name in "abcd"}, "e": [10, 100, 2]})
+    assert data_change(dict(saved, folders=folders), changed) == (
+        "'a' has 9 files, had 10, 'b' has 9 files, had 10, 'c' has 9 files, had 10 and 2 more changes")

@@ -74,7 +74,7 @@ def data_change(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
         elif now[name] != before[name]:
             changes.append(f"files in {name!r} changed")
     if not changes:
-        return f"other images were loaded ({current['shape'][0]}, {saved['shape'][0]} before)"
+        return f"other images were loaded ({current['shape'][0]} now, {saved['shape'][0]} before)"
     shown = ", ".join(changes[:3])
     return shown + (f" and {len(changes) - 3} more changes" if len(changes) > 3 else "")
 
