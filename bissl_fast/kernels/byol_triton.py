@@ -167,7 +167,8 @@ def _byol_hvp_kernel(G, P, T, WP, WT, DG, DP, DT, B, D, HAS_WT: tl.constexpr, T_
 #: Elements of one program's row block (rows x BLOCK_D) per kernel, halved for fp64: the HVP keeps
 #: four inputs of its row block in registers, and larger blocks spilled on sm_90 (docs/design.md §2.2).
 _BLOCK_ELEMENTS = {"fwd": 4096, "bwd": 4096, "hvp": 2048}
-#: A row block of up to this many bytes (in the accumulation type) runs on 4 warps, a larger one on 8.
+#: A row block of up to this many bytes (in the accumulation type) runs on 4 warps, a larger one on 8
+#: (with 8 warps ptxas held 8 KiB HVP blocks to 64 registers per thread, and spilled).
 _FOUR_WARP_BYTES = 8192
 _MAX_BLOCK_D = 1024
 #: Narrower rows are padded to this: one compile serves every small D.
@@ -187,7 +188,8 @@ _POINTERS = {
 
 
 def _config(kernel: str, b: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_D, num_warps) of ``kernel``: D in chunks of at most 1024, rows packed when D is small."""
+    """(BLOCK_B, BLOCK_D, num_warps) of ``kernel`` for ``[b, d]`` rows: D in chunks of at most 1024, rows
+    packed when D is small."""
     accumulator_bytes = 8 if dtype == torch.float64 else 4
     elements = _BLOCK_ELEMENTS[kernel] * 4 // accumulator_bytes
     block_d = min(max(triton.next_power_of_2(d), _MIN_BLOCK_D), _MAX_BLOCK_D)
