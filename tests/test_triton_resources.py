@@ -90,3 +90,15 @@ def test_fixed_config_mode_launches_the_first_tile(monkeypatch):
     assert r.kernel.active_tiles(r.tiles) == r.tiles
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert r.kernel.active_tiles(r.tiles) == (triton_routes.INTERPRET_TILE,)
+
+
+def test_one_autotuner_per_tile_list():
+    """A route with several tiles autotunes over exactly its tiles, keyed by (N, D, precision) (the
+    autotuner adds the argument dtypes); each tile list has its own autotuner and timings."""
+    r = nt_xent_triton.route("fwd", torch.bfloat16, "ieee", 100)
+    tuner = r.kernel.tuner(r.tiles)
+    assert tuner is r.kernel.tuner(r.tiles)
+    assert [(c.kwargs, c.num_warps, c.num_stages) for c in tuner.configs] == [
+        (dict(t.blocks), t.num_warps, t.num_stages) for t in r.tiles]
+    assert tuner.keys == ["N", "D", "PRECISION"]
+    assert r.kernel.tuner(r.tiles[1:]) is not tuner

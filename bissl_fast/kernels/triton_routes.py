@@ -100,11 +100,15 @@ class RoutedKernel:
             self.fn[grid](*args, **constexprs, **dict(tile.blocks), num_warps=tile.num_warps,
                           num_stages=tile.num_stages)
             return
-        tuner = self._tuners.get(active)
+        self.tuner(active)[grid](*args, **constexprs)
+
+    def tuner(self, tiles: tuple[Tile, ...]) -> Any:
+        """The autotuner over ``tiles`` (one per tile list, so each route keeps its own timings)."""
+        tuner = self._tuners.get(tiles)
         if tuner is None:
-            tuner = triton.autotune(configs=[t.config() for t in active], key=self.tune_key)(self.fn)
-            self._tuners[active] = tuner
-        tuner[grid](*args, **constexprs)
+            tuner = triton.autotune(configs=[t.config() for t in tiles], key=self.tune_key)(self.fn)
+            self._tuners[tiles] = tuner
+        return tuner
 
 
 @dataclasses.dataclass(frozen=True)
