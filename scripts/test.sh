@@ -25,6 +25,7 @@ if command -v nvcc >/dev/null 2>&1; then
       fi
     done
   done < <(find csrc -name '*.cu' | sort)
+  "$PY" scripts/cuda_resources.py || status=1
 else
   echo "== nvcc not found: skipping the CUDA compile check"
 fi
