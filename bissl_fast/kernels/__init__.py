@@ -7,4 +7,6 @@ on first attribute access (``bissl_fast.kernels.byol_triton``).
 """
 from .._lazy import lazy_submodules
 
-__getattr__, __dir__ = lazy_submodules(__name__, ("byol_triton", "nt_xent_torch", "nt_xent_triton"))
+__getattr__, __dir__ = lazy_submodules(
+    __name__, ("byol_triton", "nt_xent_torch", "nt_xent_triton", "nt_xent_triton_kernels", "triton_aot", "triton_routes")
+)
