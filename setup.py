@@ -145,13 +145,20 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    # The torch this build compiles against, recorded in the library (csrc/module.cpp) and compared with the
+    # running torch when bissl_fast first loads it. Bare tokens, stringified in C++: a quoted value would
+    # not survive the shell that ninja runs each compile command in.
+    if not re.fullmatch(r"[\w.+]+", torch.__version__):
+        _fail(f"torch's version {torch.__version__!r} has characters the build cannot record; reinstall torch")
+    build_info = [("BISSL_FAST_TORCH_VERSION", torch.__version__),
+                  ("BISSL_FAST_TORCH_CUDA", torch.version.cuda if with_cuda else "none")]
     # Headers are not sources: listing them makes build_ext rebuild when only a header changed.
     depends = _rel("csrc/*.h") + _rel("csrc/include/bissl_fast/*.h")
     # Python's own CFLAGS carry -g; -g0 after them drops the debug info.
     cxx_flags = ["-O3", "-std=c++20", "-g0"]
     if not with_cuda:
         ext = CppExtension("bissl_fast._C", sources, include_dirs=include_dirs, depends=depends,
-                           extra_compile_args={"cxx": cxx_flags})
+                           define_macros=build_info, extra_compile_args={"cxx": cxx_flags})
         return [ext], {"build_ext": BuildExtension}
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "(torch default)")
     print(f"bissl_fast build: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}, toolkit {cuda_home}", file=sys.stderr)
@@ -160,7 +167,7 @@ def _extensions():
         sources + cuda_sources,
         include_dirs=include_dirs,
         depends=depends,
-        define_macros=[("BISSL_FAST_WITH_CUDA", "1")],
+        define_macros=[("BISSL_FAST_WITH_CUDA", "1"), *build_info],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}
