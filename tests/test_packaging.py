@@ -1,4 +1,5 @@
-"""setup.py's early, one-line failures and its CUDA toolkit lookup, without compiling anything."""
+"""setup.py's early, one-line failures and its CUDA toolkit lookup, without compiling anything; the test
+configuration's warning filters."""
 from __future__ import annotations
 
 import ast
@@ -8,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -89,3 +91,10 @@ def test_cuda_home_found_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", f"{wrapper.parent}{os.pathsep}{os.environ['PATH']}")
     assert shutil.which("nvcc") == str(wrapper)
     assert setup["_find_cuda_home"]() == toolkit
+
+
+def test_warnings_raised_from_bissl_fast_fail_the_test():
+    with pytest.raises(FutureWarning, match="probe"):
+        warnings.warn_explicit("probe", FutureWarning, "ops/probe.py", 1, module="bissl_fast.ops.probe")
+    with pytest.warns(FutureWarning, match="probe"):  # elsewhere a warning stays a warning
+        warnings.warn_explicit("probe", FutureWarning, "probe.py", 1, module="somebody_else")
