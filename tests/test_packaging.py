@@ -98,3 +98,13 @@ def test_warnings_raised_from_bissl_fast_fail_the_test():
         warnings.warn_explicit("probe", FutureWarning, "ops/probe.py", 1, module="bissl_fast.ops.probe")
     with pytest.warns(FutureWarning, match="probe"):  # elsewhere a warning stays a warning
         warnings.warn_explicit("probe", FutureWarning, "probe.py", 1, module="somebody_else")
+
+
+def test_tested_torch_range_is_the_pinned_one():
+    """setup.py's oldest supported and newest tested minor releases are the torch pins scripts/setup.sh tests."""
+    setup = _setup_functions()
+    pins = (ROOT / "scripts" / "setup.sh").read_text()
+    newest = re.search(r'^PINS=\(\s*"torch==(\d+)\.(\d+)\.', pins, re.MULTILINE)
+    oldest = re.search(r'^OLDEST_PINS=\(\s*"torch==(\d+)\.(\d+)\.', pins, re.MULTILINE)
+    assert tuple(map(int, newest.groups())) == setup["TORCH_NEWEST_TESTED"]
+    assert tuple(map(int, oldest.groups())) == setup["TORCH_MIN"]
