@@ -71,8 +71,8 @@ def _rebuild_command(library: Path) -> str:
     source = library.parent.parent
     if (source / "setup.py").is_file() and (source / "csrc").is_dir():  # built in place in a checkout
         return f"cd {source} && {sys.executable} setup.py build_ext --inplace"
-    return (f"{sys.executable} -m pip install --no-build-isolation --no-deps --force-reinstall "
-            "<bissl_fast source folder>")
+    # pip rebuilds a local folder on every install; --no-deps leaves the running torch alone.
+    return f"{sys.executable} -m pip install --no-build-isolation --no-deps <bissl_fast source folder>"
 
 
 def build_mismatch(library: str | Path) -> str | None:

@@ -56,7 +56,7 @@ def test_other_torch_is_one_line_naming_the_rebuild(tmp_path, version, abi, cuda
     assert message == (
         f"bissl_fast._C was compiled against torch {version} (C++ ABI {abi}, CUDA {cuda}) but this is torch "
         f"{torch.__version__} (C++ ABI {RUNNING_ABI}, CUDA {RUNNING_CUDA}); rebuild it against this torch: "
-        f"`{sys.executable} -m pip install --no-build-isolation --no-deps --force-reinstall <bissl_fast source folder>`"
+        f"`{sys.executable} -m pip install --no-build-isolation --no-deps <bissl_fast source folder>`"
     )
 
 
