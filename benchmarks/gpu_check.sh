@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh                  # all steps: build tests bench
 #   bash benchmarks/gpu_check.sh build tests      # some steps (a later call reuses the build in place)
 #
-# Needs python3 with a CUDA build of torch (2.11-2.13), triton, numpy, and pytest + pytest-benchmark for
+# Needs python3 with a CUDA build of torch (>= 2.11), triton, numpy, and pytest + pytest-benchmark for
 # the tests and benchmarks; nvcc (or CUDA_HOME) for the CUDA kernels. If pytest or pytest-benchmark is
 # missing the script says so and installs them from wheels in .whl/ (no network: make that folder on a
 # machine with one, `pip download pytest pytest-benchmark -d .whl`, and bring it along; the device tool
