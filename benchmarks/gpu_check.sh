@@ -8,6 +8,12 @@
 #   bash benchmarks/gpu_check.sh --budget 300 tests     # some steps, a smaller budget
 #   bash benchmarks/gpu_check.sh --dry-run              # no GPU: the plan, the packing, the travel size
 #
+# Needs python3 with a CUDA build of torch (>= 2.11), triton, numpy, and pytest + pytest-benchmark for
+# the tests and benchmarks; nvcc (or CUDA_HOME) for the CUDA kernels. If pytest or pytest-benchmark is
+# missing the script says so and installs them from wheels in .whl/ (no network: make that folder on a
+# machine with one, `pip download pytest pytest-benchmark -d .whl`, and bring it along; the device tool
+# needs `carry: [".whl"]`, the folder is git-ignored) into build/gpu_pydeps/, never into the system env.
+#
 # Steps, in order, each under its own deadline: min(its cap, what is left of the budget minus 20 s for
 # packing). A step whose deadline would be under its floor (30 s) is skipped (said in summary.txt):
 #   build  cap 150 s  setup.py build_ext --inplace for sm_90 only (TORCH_CUDA_ARCH_LIST=9.0), 16 jobs
@@ -26,11 +32,7 @@
 #
 # Results are packed after every step into $OUT/gpu_results_<date>_<gpu>.tar.gz (plus summary.txt)
 # when $OUT is set: the device tool brings back what is under it, also after a timeout.
-#
-# Needs python3 with a CUDA build of torch (2.11-2.13), triton, numpy, pytest + pytest-benchmark; nvcc
-# (or CUDA_HOME). If pytest or pytest-benchmark is missing, they are installed from wheels in .whl/
-# (git-ignored; make it with `pip download pytest pytest-benchmark -d .whl` where there is a network and
-# carry it: the device tool needs `carry: [".whl"]`) into build/gpu_pydeps/, never into the system env.
+
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
