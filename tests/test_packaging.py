@@ -41,10 +41,36 @@ def test_two_sources_with_one_stem_stop_the_build_in_one_line(tmp_path):
                                "same object"), lines[0]
 
 
-def test_torch_range_matches_pyproject():
-    low, high = _setup_functions()["TORCH_RANGE"]
+def test_torch_lower_bound_matches_pyproject_and_has_no_upper_bound():
+    low = ".".join(map(str, _setup_functions()["TORCH_MIN"]))
     deps = re.search(r'^dependencies = \[(.*)\]$', (ROOT / "pyproject.toml").read_text(), re.MULTILINE).group(1)
-    assert f'"torch>={low},<{high}"' in deps, deps
+    assert f'"torch>={low}"' in deps, deps
+
+
+@pytest.mark.parametrize("version", ["2.10.0", "2.9.1+cu126", "1.13.1"])
+def test_torch_older_than_supported_is_refused_in_one_line(version):
+    with pytest.raises(SystemExit) as exc:
+        _setup_functions()["_check_torch_version"](version)
+    message = str(exc.value.code)
+    assert "\n" not in message
+    assert message.startswith(f"bissl_fast build: torch {version} is older than the oldest supported 2.11;"), message
+
+
+@pytest.mark.parametrize("version", ["2.11.0", "2.11.0+cu130", "2.13.0+cpu", "2.14.1"])
+def test_tested_torch_builds_silently(version, capsys):
+    _setup_functions()["_check_torch_version"](version)
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("version", ["2.15.0", "2.16.0.dev20260101+cpu", "3.0.0"])
+def test_torch_newer_than_tested_builds_with_one_warning_line(version, capsys):
+    setup = _setup_functions()
+    setup["_check_torch_version"](version)
+    tested = f"2.11-{'.'.join(map(str, setup['TORCH_NEWEST_TESTED']))}"
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (f"bissl_fast build: warning: torch {version} is newer than the tested range {tested}; "
+                   "building against it anyway\n"), err
 
 
 def test_cuda_home_found_behind_an_nvcc_wrapper(tmp_path, monkeypatch):
