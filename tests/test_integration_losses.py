@@ -12,7 +12,7 @@ from torch import nn
 
 from bissl_fast.ops.byol import BYOLLoss
 from bissl_fast.ops.nt_xent import NTXentLoss
-from helpers import assert_close_rel, import_or_skip
+from helpers import assert_close_rel, import_or_skip, run_distributed
 
 BISSL_FAST_DIR = os.path.dirname(os.path.abspath(__import__("bissl_fast").__file__))
 
@@ -150,6 +150,34 @@ def test_lightly_byol_trains_alike_with_byol_loss():
     runs = {name: _train(copy.deepcopy(model), step(name == "lightly"), 3, torch.float64) for name in ("lightly", "ours")}
     assert_close_rel("losses", runs["ours"][0], runs["lightly"][0], 1e-10)
     assert_close_rel("parameters after 3 steps", runs["ours"][1], runs["lightly"][1], 1e-10)
+
+
+def _gather_worker(rank: int, world_size: int) -> None:
+    from lightly.loss import NTXentLoss as LightlyNTXentLoss
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(rank)
+    out0, out1 = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
+    results = []
+    for criterion in (LightlyNTXentLoss(0.3, 0, True), NTXentLoss(0.3, 0, True)):
+        z0, z1 = out0.clone().requires_grad_(), out1.clone().requires_grad_()
+        loss = criterion(z0, z1)
+        loss.backward()
+        results.append((loss.detach(), z0.grad, z1.grad))
+    (lightly_loss, *lightly_grads), (loss, *grads) = results
+    mean = lightly_loss.clone()
+    torch.distributed.all_reduce(mean)
+    assert_close_rel("loss = mean over ranks of lightly's", loss, mean / world_size, 1e-12)
+    assert_close_rel("gradients on this rank", grads, lightly_grads, 1e-12)
+
+
+@pytest.mark.integration
+@pytest.mark.distributed
+def test_gather_distributed_against_lightly():
+    """2 gloo ranks, ``gather_distributed=True``: each rank's gradients equal lightly's; the value is the global
+    batch's loss, the mean over ranks of lightly's per-rank values."""
+    import_or_skip("lightly")
+    run_distributed(_gather_worker)
 
 
 # ---------------------------------------------------------------------------------------------------
