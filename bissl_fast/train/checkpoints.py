@@ -131,8 +131,9 @@ def _read_layout(keys: Sequence[str], prefix: str, children: Sequence[str] | Non
     return names
 
 
-def _find_layout(state: Mapping[str, torch.Tensor], module: nn.Module, prefix: str | None) -> _Layout:
-    target = module.state_dict()
+def _find_layout(state: Mapping[str, torch.Tensor], module: nn.Module, target: Mapping[str, torch.Tensor],
+                 prefix: str | None) -> _Layout:
+    """The best :class:`_Layout` of ``state`` for ``module`` (whose state dict is ``target``)."""
     keys = list(state)
     children = None if isinstance(module, nn.Sequential) else [name for name, _ in module.named_children()]
     layouts = []
@@ -158,9 +159,9 @@ def _listed(items: Sequence[str]) -> str:
     return "; ".join(items[:_LISTED]) + more
 
 
-def _misfit_message(module: nn.Module, state: Mapping[str, torch.Tensor], layout: _Layout, unused: Sequence[str]) -> str:
+def _misfit_message(module: nn.Module, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                    layout: _Layout, unused: Sequence[str]) -> str:
     """One line naming the layers that do not fit, with their shapes, and what to do about it."""
-    target = module.state_dict()
     kind = type(module).__name__
     reshaped = [f"{layout.names[n]} {tuple(state[layout.names[n]].shape)} vs the module's {n} {tuple(t.shape)}"
                 for n, t in target.items() if n in layout.names and state[layout.names[n]].shape != t.shape]
@@ -206,16 +207,17 @@ def load_weights(
     """
     state = read_checkpoint(source)
     target = module.state_dict()
-    layout = _find_layout(state, module, prefix)
+    layout = _find_layout(state, module, target, prefix)
     mapped = {name: state[key] for name, key in layout.names.items() if name in target}
     used = {layout.names[name] for name in mapped}
     ignore = tuple(ignore)
     start = len(layout.prefix)
     left_over = [k for k in state if k not in used]
     ignored = [k for k in left_over if k.startswith(ignore) or (k.startswith(layout.prefix) and k[start:].startswith(ignore))]
-    unused = [k for k in left_over if k not in set(ignored)]
+    ignored_keys = set(ignored)
+    unused = [k for k in left_over if k not in ignored_keys]
     if layout.fits != len(target) or unused:
-        raise ValueError(_misfit_message(module, state, layout, unused))
+        raise ValueError(_misfit_message(module, target, state, layout, unused))
     module.load_state_dict(mapped, strict=True)
     return LoadReport(prefix=layout.prefix, by_position=layout.by_position, loaded=list(mapped), ignored=ignored)
 
