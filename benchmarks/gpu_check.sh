@@ -98,7 +98,8 @@ PY
       rc=$?
       tail -15 "$out/gpu_tests.log" ;;
     bench)
-      timeout "$BENCH_S" "$PY" -m bissl_fast.cli bench --device cuda --out "$out" > "$out/bench.log" 2>&1
+      # SIGINT at the time limit: bench then writes the report of the suites that finished.
+      timeout --signal=INT --kill-after=120 "$BENCH_S" "$PY" -m bissl_fast.cli bench --device cuda --out "$out" > "$out/bench.log" 2>&1
       rc=$?
       tail -40 "$out/bench.log" ;;
     *)
