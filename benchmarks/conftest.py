@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from bissl_fast.bench.memory import peak_memory_bytes
-from bissl_fast.bench.regression import speedup_regressions
+from bissl_fast.bench.regression import SpeedupCheck, speedup_regressions
 from bissl_fast.bench.timing import (
     GemmFloor,
     StreamFloor,
@@ -51,7 +51,7 @@ _RATIO_MAX_ROUNDS = 20_000  # the time limits end a ratio first; this only bound
 _calibration: dict[str, dict[str, float]] = {}
 _compared_runs: list[dict[str, Any]] = []  # the saved runs --benchmark-compare loaded
 _speedups: dict[str, dict[str, Any]] = {}  # this run's rows: fullname -> provider and ratio
-_speedup_regressions: list[str] = []
+_speedup_check: list[SpeedupCheck] = []  # set at the end of a run with --speedup-compare-fail
 
 
 def _session_device() -> torch.device:
@@ -161,8 +161,9 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     threshold = session.config.getoption("speedup_compare_fail")
     if threshold is None:
         return
-    _speedup_regressions[:] = speedup_regressions(_speedups, _compared_runs, threshold)
-    if _speedup_regressions:
+    check = speedup_regressions(_speedups, _compared_runs, threshold)
+    _speedup_check.append(check)
+    if check.regressions:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -170,9 +171,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
     # Runs before pytest-benchmark's summary, which raises when its own --benchmark-compare-fail fails.
     if _speedups:  # also under -q, which hides the header
         terminalreporter.write_line(_settings_line(terminalreporter.config))
-    if _speedup_regressions:
-        terminalreporter.section("speedup regressions", sep="-", red=True)
-        terminalreporter.write_line("Speedup has regressed:\n" + "\n".join("\t" + line for line in _speedup_regressions))
+    if _speedup_check:
+        check = _speedup_check[0]
+        threshold = terminalreporter.config.getoption("speedup_compare_fail")
+        terminalreporter.write_line(f"speedup check: {check.compared} rows compared with the saved run, "
+                                    f"{len(check.regressions)} more than {threshold:g}% down")
+        if check.regressions:
+            terminalreporter.write_line("Speedup has regressed:\n" + "\n".join("\t" + line for line in check.regressions))
 
 
 @pytest.fixture(scope="session", autouse=True)

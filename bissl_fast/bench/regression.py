@@ -29,10 +29,19 @@ STATISTICS = ("min", "median", "speedup")
 DEFAULT_THRESHOLDS = (10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0)
 
 
+@dataclass(frozen=True)
+class SpeedupCheck:
+    """The outcome of ``--speedup-compare-fail``: how many rows were compared, and the regressed ones."""
+
+    compared: int
+    regressions: list[str]
+
+
 def speedup_regressions(
     current: dict[str, dict[str, Any]], compared: list[dict[str, Any]], threshold_pct: float
-) -> list[str]:
-    """One line per row whose speedup fell by more than ``threshold_pct`` percent against a compared run.
+) -> SpeedupCheck:
+    """Compares each row's speedup with the same row of the compared runs; a row whose speedup fell by more
+    than ``threshold_pct`` percent is a regression (one line naming it).
 
     ``current``: full row name -> ``{"provider": str, "speedup": float | None}``; ``compared``:
     pytest-benchmark saved runs, whose rows' ``extra_info`` holds ``speedup_vs_reference``. The
@@ -41,17 +50,19 @@ def speedup_regressions(
     if not 0 < threshold_pct < 100:
         raise ValueError(f"the speedup threshold must be between 0% and 100%, got {threshold_pct:g}%")
     lines = []
+    count = 0
     for run in compared:
         before = {b["fullname"]: b.get("extra_info", {}).get("speedup_vs_reference") for b in run["benchmarks"]}
         for name, row in current.items():
             old, new = before.get(name), row["speedup"]
             if row["provider"] == "reference" or not old or new is None:
                 continue
+            count += 1
             drop = slow_change_pct("speedup", old, new)
             if drop > threshold_pct:
                 lines.append(f"{name} - speedup over the reference {old:.2f}x -> {new:.2f}x "
                              f"({-drop:+.0f}%, more than {threshold_pct:g}% down)")
-    return lines
+    return SpeedupCheck(count, lines)
 
 
 def load_runs(folder: Path) -> list[dict[str, Any]]:

@@ -81,11 +81,12 @@ def interleaved_ratio(
     """Speedup of ``fast`` over ``reference``, measured round by round in alternation.
 
     Both callables take the round index (to rotate input sets). Warm-up rounds are not recorded.
-    Once ``min_rounds`` rounds and ``min_time_s`` seconds of wall time are done, stops at the first
-    round where the p20-p80 band of the ratios is within ``target_spread`` of their median;
-    otherwise at ``max_rounds`` or ``max_time_s`` of wall time (then the result has
-    ``stable=False``). A minimum time gives a fast op many rounds, so one disturbed stretch of the
-    run moves the median little. ``timer`` times each call (``time.process_time``: this
+    Once ``min_rounds`` rounds and ``min_time_s`` seconds of measured time (both sides, by
+    ``timer``) are done, stops at the first round where the p20-p80 band of the ratios is within
+    ``target_spread`` of their median; otherwise at ``max_rounds`` or ``max_time_s`` of wall time
+    (then the result has ``stable=False``). The minimum time gives a fast op many rounds, so one
+    disturbed stretch of the run moves the median little; it counts measured time, not wall time,
+    so a loaded machine does not cut the sample short. ``timer`` times each call (``time.process_time``: this
     process's CPU time, for one-thread CPU runs); ``disable_gc`` keeps the garbage collector out of
     the timed calls (it runs between them).
     """
@@ -118,6 +119,7 @@ def interleaved_ratio(
     fast_times: list[float] = []
     ratios: list[float] = []
     start = time.perf_counter()
+    measured = 0.0
     stable = False
     for i in range(max_rounds):
         # Flipping the order each round cancels whatever the first call of a round pays for the second.
@@ -130,11 +132,12 @@ def interleaved_ratio(
         ref_times.append(t_ref)
         fast_times.append(t_fast)
         ratios.append(t_ref / max(t_fast, 1e-12))
-        elapsed = time.perf_counter() - start
-        if len(ratios) >= min_rounds and (elapsed >= min_time_s or i == max_rounds - 1):
+        measured += t_ref + t_fast
+        wall = time.perf_counter() - start
+        if len(ratios) >= min_rounds and (measured >= min_time_s or wall > max_time_s or i == max_rounds - 1):
             med = statistics.median(ratios)
             stable = (percentile(ratios, 0.8) - percentile(ratios, 0.2)) <= target_spread * med
-            if stable or elapsed > max_time_s:
+            if stable or wall > max_time_s:
                 break
     return RatioStats(
         median=statistics.median(ratios),
