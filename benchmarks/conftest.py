@@ -286,11 +286,14 @@ def benchmark_op(benchmark, request) -> Callable[..., Any]:
         gc.collect()
         ratio = None
         if reference is not None:
+            for args in inputs:  # fn is warm already: the ratio needs no warm-up round of its own
+                reference(*args)
+            sync()
             rounds_cap, time_cap = config.getoption("ratio_min_rounds"), config.getoption("ratio_max_time")
             max_time_s = ratio_max_time_s if time_cap is None else min(ratio_max_time_s, time_cap)
             ratio = interleaved_ratio(
                 lambda i: reference(*inputs[i % len(inputs)]), lambda i: fn(*inputs[i % len(inputs)]),
-                device=device, warmup_rounds=1,
+                device=device, warmup_rounds=0,
                 min_rounds=ratio_min_rounds if rounds_cap is None else max(3, min(ratio_min_rounds, rounds_cap)),
                 # As long as pytest-benchmark times each side (its max_time): a fast op gets many rounds.
                 min_time_s=min(float(config.getoption("benchmark_max_time")), max_time_s), max_time_s=max_time_s,

@@ -41,7 +41,7 @@ def _parser() -> _Parser:
     bench.add_argument("--quick", action="store_true", help="one size per op, fewer rounds, no per-layer profile (a few minutes on 2 CPU cores)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--max-time", type=float, default=None, help="seconds of timing per benchmark (pytest-benchmark max_time; default 1, with --quick 0.25)")
-    bench.add_argument("--threads", type=int, default=None, help="intra-op threads for every suite (default: torch's)")
+    bench.add_argument("--threads", type=int, default=1, help="intra-op threads for every suite (default 1: steady on a shared machine; the cores of an idle one to publish)")
     bench.add_argument("--update-readme", type=Path, default=None, help="then regenerate this README's benchmark block from the results")
     bench.set_defaults(run=_bench)
     # Commands that parse their own arguments: "module:function" called with the rest of the line.

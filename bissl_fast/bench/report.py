@@ -338,7 +338,7 @@ def run_bench(
     select: str | None = None,
     device: str | None = None,
     max_time: float | None = None,
-    threads: int | None = None,
+    threads: int = 1,
     update_readme_path: Path | None = None,
     quick: bool = False,
 ) -> int:
@@ -353,14 +353,13 @@ def run_bench(
         suites = select_suites(_check_requirements(Path(suite_dir), device), select)
     except SuiteSelectionError as exc:
         raise BenchError(str(exc)) from None
-    if threads is not None and threads < 1:
+    if threads < 1:
         raise BenchError(f"--threads must be >= 1, got {threads}")
     if update_readme_path is not None:
         if not Path(update_readme_path).is_file():
             raise BenchError(f"--update-readme: {update_readme_path} does not exist")
         readme_block_source(Path(update_readme_path).read_text())  # fail now, not after the run
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     out_dir = Path(out_dir).resolve()  # pytest runs inside the suite folder
     created_out = not out_dir.exists()
