@@ -9,8 +9,8 @@ process until the p20-p80 band of the ratio is within 10% (or the row is marked 
 floor spec, the floor is measured once per run at the op's own size and thread count.
 
 Settings for a shared, noisy machine (README "Benchmarks" has the measurements behind them): the
-intra-op thread count is fixed for the session (``BISSL_BENCH_THREADS``, default 1) and printed in
-the header; pytest-benchmark's rounds, warm-up, GC and timer get the defaults of
+intra-op thread count is fixed for the session (``BISSL_BENCH_THREADS``, default 1) and printed
+with the other settings at the top and the end of a run; pytest-benchmark's rounds, warm-up, GC and timer get the defaults of
 ``noisy_machine_defaults`` unless the command line sets them. ``--speedup-compare-fail=PCT%`` fails
 a run whose interleaved speedups fell by more than PCT% against the run ``--benchmark-compare``
 loads (the check the README recommends for CI: both sides of a ratio see the same load).
@@ -97,7 +97,7 @@ def _percentage(text: str) -> float:
     try:
         value = float(number)
     except ValueError:
-        raise pytest.UsageError(f"--speedup-compare-fail takes a percentage such as 25%, got {text!r}") from None
+        raise pytest.UsageError(f"--speedup-compare-fail takes a percentage such as 33%, got {text!r}") from None
     if not 0 < value < 100:
         raise pytest.UsageError(f"--speedup-compare-fail must be between 0% and 100%, got {text!r}")
     return value
@@ -108,7 +108,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption(
         "--speedup-compare-fail", metavar="PCT%", default=None,
         help="with --benchmark-compare: fail when a fast path's speedup over its reference (the two timed "
-             "alternately in this run) is more than PCT%% below the compared run's, e.g. 25%%",
+             "alternately in this run) is more than PCT%% below the compared run's, e.g. 33%%",
     )
     group.addoption("--ratio-min-rounds", metavar="NUM", type=int, default=None,
                     help="cap on the rounds every interleaved speedup runs at least (default: each row's, 6-10)")

@@ -53,7 +53,7 @@ def test_defaults_are_printed_and_the_command_line_wins():
         ((), {"BISSL_BENCH_THREADS": "two"}, "BISSL_BENCH_THREADS must be a positive integer, got 'two'"),
         ((), {"BISSL_BENCH_SIZES": "tiny"}, "BISSL_BENCH_SIZES must be one of auto, small, full, quick, got 'tiny'"),
         (("--speedup-compare-fail=25%",), {}, "--speedup-compare-fail needs --benchmark-compare and a saved run"),
-        (("--speedup-compare-fail=lots",), {}, "--speedup-compare-fail takes a percentage such as 25%, got 'lots'"),
+        (("--speedup-compare-fail=lots",), {}, "--speedup-compare-fail takes a percentage such as 33%, got 'lots'"),
     ],
 )
 def test_bad_settings_stop_with_one_line(flags, env, message):

@@ -18,7 +18,6 @@ rewrites that block (``bissl-fast bench --update-readme README.md`` does it afte
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -28,17 +27,20 @@ from typing import Any
 
 import torch
 
-from .suite_runs import QUICK_MAX_TIME_S, QUICK_PYTEST_OPTIONS, SuiteSelectionError, run_suites, select_suites
+from .suite_runs import (
+    QUICK_MAX_TIME_S,
+    QUICK_PYTEST_OPTIONS,
+    BenchError,
+    check_requirements,
+    run_suites,
+    select_suites,
+)
 from .timing import best_time, calibrate, machine_load, percentile
 
 DEFAULT_SUITE_DIR = Path(__file__).resolve().parent / "suites"
 README_START = "<!-- bench-cpu:start"
 README_END = "<!-- bench-cpu:end -->"
 _INTERRUPTED = 130  # exit code of a run stopped by Ctrl-C (128 + SIGINT)
-
-
-class BenchError(RuntimeError):
-    """A problem that stops ``bissl-fast bench`` before it runs anything (reported as one line)."""
 
 
 def measure_ceilings(device: torch.device) -> dict[str, float]:
@@ -316,22 +318,6 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return written
 
 
-def _check_requirements(suite_dir: Path, device: str | None) -> list[Path]:
-    missing = [name for name in ("pytest", "pytest_benchmark", "matplotlib") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise BenchError(f"bissl-fast bench needs {', '.join(missing)}: pip install 'bissl_fast[test]'")
-    if device not in (None, "cpu", "cuda"):
-        raise BenchError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: this torch sees no CUDA device")
-    if not suite_dir.is_dir():
-        raise BenchError(f"benchmark suites not found at {suite_dir}; pass --suite-dir <folder with bench_*.py>")
-    suites = sorted(p for p in suite_dir.glob("bench_*.py") if p.name != "bench_utils.py")
-    if not suites:
-        raise BenchError(f"no bench_*.py suites in {suite_dir}")
-    return suites
-
-
 def run_bench(
     out_dir: Path,
     suite_dir: Path = DEFAULT_SUITE_DIR,
@@ -349,10 +335,7 @@ def run_bench(
     Ctrl-C writes the report of the suites that finished and returns 130. Raises :class:`BenchError`
     (before running anything) when a requirement is missing.
     """
-    try:
-        suites = select_suites(_check_requirements(Path(suite_dir), device), select)
-    except SuiteSelectionError as exc:
-        raise BenchError(str(exc)) from None
+    suites = select_suites(check_requirements(Path(suite_dir), device), select)
     if threads < 1:
         raise BenchError(f"--threads must be >= 1, got {threads}")
     if update_readme_path is not None:

@@ -7,6 +7,7 @@ caller can still write the report of those.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -16,6 +17,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 # pytest exit code when every case of a suite was skipped or deselected here.
 _NO_TESTS_RAN = 5
@@ -29,8 +32,25 @@ QUICK_PYTEST_OPTIONS = ("--benchmark-min-rounds=3", "--benchmark-warmup=off", "-
 QUICK_MAX_TIME_S = 0.25
 
 
-class SuiteSelectionError(ValueError):
-    """``--select`` names no suite (the message lists the suites there are)."""
+class BenchError(RuntimeError):
+    """A problem that stops ``bissl-fast bench`` before it runs anything (reported as one line)."""
+
+
+def check_requirements(suite_dir: Path, device: str | None) -> list[Path]:
+    """The suites in ``suite_dir``, after checking the packages, the device and the folder."""
+    missing = [name for name in ("pytest", "pytest_benchmark", "matplotlib") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise BenchError(f"bissl-fast bench needs {', '.join(missing)}: pip install 'bissl_fast[test]'")
+    if device not in (None, "cpu", "cuda"):
+        raise BenchError(f"--device must be cpu or cuda, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BenchError("--device cuda: this torch sees no CUDA device")
+    if not suite_dir.is_dir():
+        raise BenchError(f"benchmark suites not found at {suite_dir}; pass --suite-dir <folder with bench_*.py>")
+    suites = sorted(p for p in suite_dir.glob("bench_*.py") if p.name != "bench_utils.py")
+    if not suites:
+        raise BenchError(f"no bench_*.py suites in {suite_dir}")
+    return suites
 
 
 def _suite_name(text: str) -> str:
@@ -44,12 +64,12 @@ def select_suites(suites: list[Path], select: str | None) -> list[Path]:
         return suites
     names = [_suite_name(name) for name in select.split(",") if _suite_name(name)]
     if not names:
-        raise SuiteSelectionError(f"--select {select!r} names no suite")
+        raise BenchError(f"--select {select!r} names no suite")
     chosen = [s for s in suites if any(name in _suite_name(s.stem) for name in names)]
     unmatched = [name for name in names if not any(name in _suite_name(s.stem) for s in suites)]
     if unmatched:
         available = ", ".join(s.stem for s in suites)
-        raise SuiteSelectionError(f"--select: no suite name contains {', '.join(map(repr, unmatched))} (suites: {available})")
+        raise BenchError(f"--select: no suite name contains {', '.join(map(repr, unmatched))} (suites: {available})")
     return chosen
 
 
