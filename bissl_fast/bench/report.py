@@ -397,7 +397,7 @@ def run_bench(
     print(text)
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, pytest_benchmark.json and {len(plots)} plots")
     if stopped:
-        print(f"interrupted: the report holds the {len(runs.finished)} suites that finished ({', '.join(runs.finished)})",
+        print(f"interrupted: the report holds the suites that finished ({', '.join(runs.finished)})",
               file=sys.stderr)
         if update_readme_path is not None:
             print(f"{update_readme_path} not updated (an interrupted run is not a complete result)", file=sys.stderr)
