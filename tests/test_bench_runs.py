@@ -136,5 +136,5 @@ def test_ctrl_c_before_any_suite_finished_writes_nothing(suite_dir, tmp_path):
     stdout, stderr = _interrupt_when(proc, lambda: any((tmp_path / "tmp").glob("bissl_bench_*")))
     assert proc.returncode == 130, stdout[-3000:] + stderr[-3000:]
     assert "interrupted before any suite finished: nothing written" in stderr
-    assert not out.exists()  # the run created it, and leaves no empty folder behind
+    assert not out.exists()  # not even an empty folder
     assert not any((tmp_path / "tmp").glob("bissl_bench_*"))  # torch may leave its own caches there

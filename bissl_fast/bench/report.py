@@ -330,7 +330,7 @@ def run_bench(
 ) -> int:
     """Run the suites (pytest-benchmark), then print and write the report; returns the worst pytest exit code.
 
-    ``select``: comma-separated names, the suites whose stem contains one. ``quick``: one size per op,
+    ``select``: comma-separated names, the suites whose name contains one. ``quick``: one size per op,
     fewer rounds, no per-layer profile. ``max_time``: seconds of timing per row (default 1, quick 0.25).
     Ctrl-C writes the report of the suites that finished and returns 130. Raises :class:`BenchError`
     (before running anything) when a requirement is missing.
@@ -345,8 +345,6 @@ def run_bench(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.set_num_threads(threads)
     out_dir = Path(out_dir).resolve()  # pytest runs inside the suite folder
-    created_out = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, BISSL_BENCH_THREADS=str(threads), BISSL_BENCH_DEVICE=dev.type)
     max_time = max_time if max_time is not None else (QUICK_MAX_TIME_S if quick else 1.0)
     options = [f"--benchmark-max-time={max_time}"]
@@ -358,8 +356,6 @@ def run_bench(
     runs = run_suites(suites, env, options)
     stopped = runs.interrupted is not None or bool(runs.not_run)
     if stopped and not runs.finished:
-        if created_out and not any(out_dir.iterdir()):
-            out_dir.rmdir()
         print("interrupted before any suite finished: nothing written", file=sys.stderr)
         return _INTERRUPTED
     profiles = None
@@ -387,6 +383,7 @@ def run_bench(
         "machine_load": load, "suite_machine_load": runs.machine_loads, "ceilings": ceilings,
     }
     text = _header(meta) + markdown_table(rows) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: an interrupted run with nothing to show leaves none
     if profiles is not None:
         text += "\n## Upper stage by phase and layer type\n\n" + format_profiles(profiles) + "\n"
         (out_dir / "upper_stage_profile.json").write_text(json.dumps(profiles, indent=2) + "\n")
