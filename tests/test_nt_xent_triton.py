@@ -3,8 +3,8 @@
 The interpreter runs one 16 x 16 tile, so every shape here spans several row and column tiles, with
 ragged last tiles and D not a power of two; the ``fixed_config`` tests run each route's own first
 tile instead (what the GPU's fixed-config mode launches). Rows with D padded to at most 256 run the
-resident kernels, except the fp32 "ieee" backward and double backward, which always run the K-loop
-kernels (``ieee_resident``); the K-loop kernels for every pass are covered by the ``k_loop`` tests.
+resident kernels, except fp32 rows with exact ("ieee") dots, which run the K-loop kernels at every
+width; the K-loop kernels for every pass are covered by the ``k_loop`` tests.
 """
 from __future__ import annotations
 
@@ -59,22 +59,20 @@ def kernel_calls(monkeypatch):
     return calls
 
 
-#: The kernels each route family launches: rows of padded D <= 256 stay resident (``ieee_resident``:
-#: fp32 with exact dots, whose backward and double backward run the K-loop kernels), wider rows loop
-#: over K.
+#: The kernels each route family launches: rows of padded D <= 256 stay resident, wider rows (and
+#: fp32 rows with exact dots at every width) loop over K.
 KERNEL_FAMILIES = {
     "resident": {"_lse_fwd_resident_kernel", "_lse_bwd_resident_kernel", "_lse_bwd_bwd_r_resident_kernel",
                  "_lse_bwd_bwd_resident_kernel"},
-    "ieee_resident": {"_lse_fwd_resident_kernel", "_lse_bwd_kernel", "_lse_bwd_bwd_r_kernel", "_lse_bwd_bwd_kernel"},
     "k_loop": {"_lse_fwd_kernel", "_lse_bwd_kernel", "_lse_bwd_bwd_r_kernel", "_lse_bwd_bwd_kernel"},
 }
 
 
 def family(dtype: torch.dtype, d: int, precision: str = "ieee") -> set[str]:
     """The kernels a loss, gradient and HVP launch for rows of ``dtype`` and width ``d``."""
-    if d > 256:
+    if d > 256 or (dtype, precision) == (torch.float32, "ieee"):
         return KERNEL_FAMILIES["k_loop"]
-    return KERNEL_FAMILIES["ieee_resident" if (dtype, precision) == (torch.float32, "ieee") else "resident"]
+    return KERNEL_FAMILIES["resident"]
 
 
 #: Widths per family: D = 20 and 7 pad to 64 (resident; one 64-wide K chunk where the ieee kernels
@@ -147,8 +145,9 @@ def test_single_sample(kernel_calls, d):
 def test_wide_rows_use_k_loop_kernels(kernel_calls, launched_kernels, dtype, tol):
     """D = 300 pads to 512 > 256: the K-loop kernels (5 K chunks, 2 output chunks) instead of resident rows."""
     kernels = importlib.import_module("bissl_fast.kernels.nt_xent_triton")
-    assert kernels.route("fwd", dtype, "ieee", 256).kernel.name == "_lse_fwd_resident_kernel"
-    assert kernels.route("fwd", dtype, "ieee", 257).kernel.name == "_lse_fwd_kernel"
+    # TF32 dots, as bf16 rows' tensor-core dots, keep rows of padded D <= 256 resident.
+    assert kernels.route("fwd", dtype, "tf32", 256).kernel.name == "_lse_fwd_resident_kernel"
+    assert kernels.route("fwd", dtype, "tf32", 257).kernel.name == "_lse_fwd_kernel"
     z = torch.randn(20, 300, device=DEVICE).to(dtype)
     g, v = torch.tensor(0.9, device=DEVICE), torch.randn(20, 300, device=DEVICE).to(dtype)
     out = loss_grad_hvp(lambda x: nt_xent(x, temperature=0.2, backend="triton"), z, g.to(dtype), v)
@@ -160,10 +159,10 @@ def test_wide_rows_use_k_loop_kernels(kernel_calls, launched_kernels, dtype, tol
 
 @pytest.mark.parametrize("precision", ["ieee", "tf32"])
 @pytest.mark.parametrize("n,d,views", [(74, 100, 2), (30, 256, 3)])
-def test_rows_up_to_256_use_resident_kernels(launched_kernels, n, d, views, precision):
-    """Padded D <= 256 (here 128 and exactly 256) keeps the rows resident: in all four kernels with
-    TF32 dots, in the forward with exact dots (whose backward and double backward loop over K).
-    The interpreter's dots are exact either way, so both precisions meet the fp32 tolerance here."""
+def test_rows_up_to_256_route_by_precision(launched_kernels, n, d, views, precision):
+    """Padded D <= 256 (here 128 and exactly 256) keeps the rows resident in all four kernels with
+    TF32 dots; exact dots loop over K in all four. The interpreter's dots are exact either way, so
+    both precisions meet the fp32 tolerance here."""
     z, v = torch.randn(n, d, device=DEVICE), torch.randn(n, d, device=DEVICE)
     g = torch.tensor(1.1, device=DEVICE)
     loss = lambda x: nt_xent(x, temperature=0.2, views=views, backend="triton", precision=precision)  # noqa: E731

@@ -9,16 +9,18 @@ A launch's route (``triton_routes.Route``) follows from three things:
 * the operand group: ``ieee`` (fp32, exact dots: FMA loops, no tensor cores), ``tf32`` (fp32 on
   tensor cores) or ``16-bit`` (bf16 and fp16 rows);
 * ``D``: rows up to 256 wide are padded to ``BLOCK_D = max(64, next_pow2(D))`` for the resident
-  kernels; wider rows, and the ``ieee`` backward and double backward at every width, take the
-  K-loop kernels (``BLOCK_K = 64``; outputs in ``BLOCK_DO = min(max(64, next_pow2(D)), 256)`` wide
-  chunks).
+  kernels; wider rows, and the ``ieee`` group in every pass at every width, take the K-loop kernels
+  (``BLOCK_K = 64``; outputs in ``BLOCK_DO = min(max(64, next_pow2(D)), 256)`` wide chunks).
 
 :data:`_TILES` holds each route's tiles (at most three: the first is the fixed-config mode's).
 Every tile there fits sm_80's and sm_90's shared memory per block and compiles for sm_90 without
-register spills (``tests/test_triton_resources.py``). The ``ieee`` group's dots are FMA loops that
-triton unrolls over the whole K extent: with resident rows its backward and double backward spilled
-kilobytes per thread at ``D = 256`` (the double backward from ``D = 128``) at every tile that fits
-shared memory, so they read K in 64-wide chunks instead.
+register spills with triton 3.6 and with triton 3.8, whose compilers differ
+(``tests/test_triton_resources.py``, run in both CI venvs; integer arguments divisible by 16), and
+none sits at ptxas's 255-register cap with either. The ``ieee`` group's dots are FMA loops that
+triton unrolls over the whole K extent: whether their operands fit in registers is left to ptxas's
+scheduling, and with resident rows they did not at tiles that fit shared memory (the backward and double backward spilled kilobytes per
+thread with triton 3.6, the forward 6 KiB per thread at ``D = 256`` with triton 3.8), so every
+``ieee`` pass reads K in 64-wide chunks instead (docs/design.md §2.1).
 
 A new kernel joins by adding its pass to :data:`_KERNELS` (with its pointer arguments) and its
 routes to :data:`_TILES`, and a launcher that calls :func:`route`: ``triton_aot.nt_xent_routes``
@@ -70,7 +72,8 @@ def _tiles(*specs: str) -> tuple[Tile, ...]:
 
 #: Tiles per (operand group, pass, family + width): ``r<BLOCK_D>`` resident, ``k<BLOCK_DO>`` K-loop
 #: (``k`` alone for the K-loop kernels without output chunks). Chosen from compiles for sm_90 and
-#: sm_80 (docs/design.md §2.1 has the table); the order is by work per program, largest first.
+#: sm_80 (docs/design.md §2.1 has the table); the order is by work per program, largest first (not
+#: timed: no GPU has run them yet).
 _TILES: dict[tuple[str, str, str], tuple[Tile, ...]] = {
     # 16-bit rows: tensor-core dots in bf16/fp16.
     ("16-bit", "fwd", "r64"): _tiles("128x64w8s2", "64x64w4s2", "64x32w4s2"),
@@ -78,17 +81,17 @@ _TILES: dict[tuple[str, str, str], tuple[Tile, ...]] = {
     ("16-bit", "fwd", "r256"): _tiles("64x64w8s2", "64x32w4s2", "32x32w4s2"),
     ("16-bit", "fwd", "k"): _tiles("64x64w8s2", "64x32w4s2", "32x32w4s2"),
     ("16-bit", "bwd", "r64"): _tiles("128x64w8s2", "64x64w4s2", "64x32w4s2"),
-    ("16-bit", "bwd", "r128"): _tiles("64x64w8s2", "64x64w4s2", "64x32w4s2"),
-    ("16-bit", "bwd", "r256"): _tiles("64x32w8s2", "32x64w4s2", "32x32w8s1"),
+    ("16-bit", "bwd", "r128"): _tiles("64x64w8s2", "64x64w8s3", "64x32w8s2"),
+    ("16-bit", "bwd", "r256"): _tiles("64x32w8s2", "32x64w8s2", "32x32w8s1"),
     ("16-bit", "bwd", "k256"): _tiles("64x64w8s2", "64x32w8s2", "32x32w8s1"),
     ("16-bit", "bwd_bwd_r", "r64"): _tiles("128x64w8s2", "64x64w4s2", "64x32w4s2"),
     ("16-bit", "bwd_bwd_r", "r128"): _tiles("64x64w8s2", "64x64w4s2", "64x32w4s2"),
     ("16-bit", "bwd_bwd_r", "r256"): _tiles("64x64w8s2", "64x32w8s2", "32x64w4s2"),
     ("16-bit", "bwd_bwd_r", "k"): _tiles("64x64w8s2", "64x32w8s2", "64x64w4s2"),
-    ("16-bit", "bwd_bwd", "r64"): _tiles("64x64w8s2", "64x64w4s2", "64x32w4s2"),
-    ("16-bit", "bwd_bwd", "r128"): _tiles("64x32w4s2", "32x32w4s2", "32x32w8s1"),
-    ("16-bit", "bwd_bwd", "r256"): _tiles("32x32w8s2", "32x32w4s2", "32x32w8s1"),
-    ("16-bit", "bwd_bwd", "k256"): _tiles("32x32w4s2", "32x32w4s1", "32x32w8s1"),
+    ("16-bit", "bwd_bwd", "r64"): _tiles("128x32w8s2", "64x32w8s2", "64x32w4s2"),
+    ("16-bit", "bwd_bwd", "r128"): _tiles("32x64w8s2", "32x32w8s2", "32x32w8s1"),
+    ("16-bit", "bwd_bwd", "r256"): _tiles("32x32w8s2", "32x16w8s2", "32x32w8s1"),
+    ("16-bit", "bwd_bwd", "k256"): _tiles("32x64w8s1", "32x32w8s2", "32x32w8s1"),
     # fp32 rows, TF32 tensor-core dots.
     ("tf32", "fwd", "r64"): _tiles("128x64w8s2", "64x64w4s2", "64x32w4s2"),
     ("tf32", "fwd", "r128"): _tiles("64x64w8s2", "64x64w4s2", "64x32w4s2"),
@@ -100,19 +103,16 @@ _TILES: dict[tuple[str, str, str], tuple[Tile, ...]] = {
     ("tf32", "bwd", "k256"): _tiles("64x64w8s2", "64x32w8s2", "32x32w8s1"),
     ("tf32", "bwd_bwd_r", "r64"): _tiles("64x64w8s2", "64x64w4s2", "64x32w4s2"),
     ("tf32", "bwd_bwd_r", "r128"): _tiles("64x64w8s2", "64x32w8s2", "64x32w4s2"),
-    ("tf32", "bwd_bwd_r", "r256"): _tiles("32x32w4s2"),
+    ("tf32", "bwd_bwd_r", "r256"): _tiles("32x16w8s2", "16x32w8s2", "16x32w4s2"),
     ("tf32", "bwd_bwd_r", "k"): _tiles("64x64w8s2", "64x32w8s2", "64x32w4s2"),
     ("tf32", "bwd_bwd", "r64"): _tiles("64x32w4s2", "32x32w4s2", "32x32w8s1"),
     ("tf32", "bwd_bwd", "r128"): _tiles("32x32w4s2", "32x32w4s1"),
-    ("tf32", "bwd_bwd", "r256"): _tiles("32x32w8s1"),
-    ("tf32", "bwd_bwd", "k256"): _tiles("32x32w8s1"),
+    ("tf32", "bwd_bwd", "r256"): _tiles("32x16w8s2", "16x32w8s1", "16x16w8s1"),
+    ("tf32", "bwd_bwd", "k256"): _tiles("32x32w8s1", "32x16w8s1", "16x32w8s1"),
     # fp32 rows, exact (FMA) dots: small tiles and eight warps keep the per-thread products in registers.
-    ("ieee", "fwd", "r64"): _tiles("64x32w8s1", "32x32w8s1", "32x32w4s1"),
-    ("ieee", "fwd", "r128"): _tiles("64x32w8s1", "32x32w8s1"),
-    ("ieee", "fwd", "r256"): _tiles("64x32w8s1", "32x32w8s1", "32x32w4s1"),
     ("ieee", "fwd", "k"): _tiles("64x32w8s1", "32x32w8s1", "32x32w4s1"),
     ("ieee", "bwd", "k64"): _tiles("64x32w8s1", "32x32w8s1"),
-    ("ieee", "bwd", "k128"): _tiles("64x32w8s1", "32x32w8s1"),
+    ("ieee", "bwd", "k128"): _tiles("64x32w8s1", "32x64w8s1"),
     ("ieee", "bwd", "k256"): _tiles("64x32w8s1", "32x32w8s1"),
     ("ieee", "bwd_bwd_r", "k"): _tiles("64x32w8s1", "32x32w8s1", "32x32w4s1"),
     ("ieee", "bwd_bwd", "k64"): _tiles("32x32w8s1"),
@@ -130,10 +130,8 @@ def _padded(d: int) -> int:
     return max(_MIN_BLOCK_D, triton.next_power_of_2(d))
 
 
-def _resident(group: str, kernel_pass: str, d: int) -> bool:
-    if _padded(d) > _RESIDENT_MAX_D:
-        return False
-    return not (group == "ieee" and kernel_pass != "fwd")
+def _resident(group: str, d: int) -> bool:
+    return _padded(d) <= _RESIDENT_MAX_D and group != "ieee"
 
 
 def _dot_options(precision: str, dtype: torch.dtype, pv: bool = False) -> dict[str, object]:
@@ -154,7 +152,7 @@ def route(kernel_pass: str, dtype: torch.dtype, precision: str, d: int) -> Route
     resident_fn, k_loop_fn, row_ptrs, fp32_ptrs, pv = _KERNELS[kernel_pass]
     group = operand_group(dtype, precision)
     padded = _padded(d)
-    if _resident(group, kernel_pass, d):
+    if _resident(group, d):
         fn, blocks, width = resident_fn, {"BLOCK_D": padded}, f"r{padded}"
     else:
         block_do = min(padded, _RESIDENT_MAX_D)

@@ -63,8 +63,8 @@ def _pv_dot(p, v, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr, PV_BF16: t
 
 
 # ---- K-loop kernels (any D): dot products read D in BLOCK_K chunks and outputs are split over a
-# second grid axis in BLOCK_DO chunks. The routes use them for padded D > 256 and for the double
-# backward with exact fp32 dots.
+# second grid axis in BLOCK_DO chunks. The routes use them for padded D > 256 and, at every D, for
+# exact fp32 dots (FMA loops, whose operands ptxas must hold for a whole K chunk).
 
 
 @triton.jit
@@ -216,9 +216,9 @@ def _lse_bwd_bwd_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stri
              mask=row_ok[:, None] & d_ok[None, :])
 
 
-# ---- Resident-row kernels (padded D <= 256): each program loads its [BLOCK_M, D] rows once and
-# every [BLOCK_N, D] column block once per tile, which serves both the logits dot and the
-# probability-value dot.
+# ---- Resident-row kernels (padded D <= 256, tensor-core dots): each program loads its [BLOCK_M, D]
+# rows once and every [BLOCK_N, D] column block once per tile, which serves both the logits dot and
+# the probability-value dot.
 
 
 @triton.jit
