@@ -68,11 +68,12 @@ def test_shared_memory_of_every_tile_fits_both_targets():
 
 @pytest.mark.slow
 def test_every_tile_compiles_for_sm90_without_spills():
-    """Whole compiles through ptxas (one process per CPU): no stack frame (spills), at most 255
-    registers, and the shared memory of the finished kernel equals the front-half figure."""
+    """Whole compiles through ptxas (one process per CPU): no stack frame (spills), fewer registers
+    than ptxas's cap of 255 (a tile at the cap spilled with another triton's ptxas), and the shared
+    memory of the finished kernel equals the front-half figure."""
     problems = []
     for r, tile, res in triton_aot.survey("compile"):
-        if res["stack"] or res["registers"] > triton_aot.MAX_REGISTERS:
+        if res["stack"] or res["registers"] >= triton_aot.MAX_REGISTERS:
             problems.append(f"{r.name} {tile}: {res['registers']} registers, {res['stack']} B stack")
         if res["shared"] != res["shared_front_sm_90"]:
             problems.append(f"{r.name} {tile}: shared memory {res['shared']} B compiled vs "
