@@ -10,8 +10,8 @@ here fills triton's cache for that launch.
 
 :func:`shared_memory` runs only the compiler's front half (to TritonGPU IR and the shared-memory
 allocation pass, ~0.1 s), :func:`compile_resources` the whole pipeline through ``ptxas`` (0.3-20 s;
-cached by triton on disk). The shared-memory pass is an internal of triton 3.6, the version this
-package pins; ``tests/test_triton_resources.py`` checks that both agree.
+cached by triton on disk). The shared-memory pass is an internal of triton (checked with 3.6 and
+3.8, the two CI venvs' versions); ``tests/test_triton_resources.py`` checks that both agree.
 
     python -m bissl_fast.kernels.triton_aot [--compile [--unaligned]] [--fresh] [--match TEXT] [--workers N]
                                             [--json PATH]
