@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..._progress import progress_bar
+from ..._provenance import provenance
 from ...train.backbones import build_backbone
 from ...train.checkpoints import HEAD_PREFIXES, load_weights, save_atomic
 from ...train.heads import Classifier, ProjectionModel
@@ -200,6 +201,7 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
         checkpoint("finetune")
 
     summary = {
+        "provenance": provenance(),
         "config": asdict(cfg),
         "world_size": world,
         "checkpoint_loads": load_reports,
