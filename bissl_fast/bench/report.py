@@ -29,8 +29,9 @@ from typing import Any
 
 import torch
 
+from .._machine import calibrate, machine_load, percentile
 from .._provenance import BENCHMARK_SUITE_PATTERNS, older_code_note, provenance, short_form
-from .timing import best_time, calibrate, machine_load, percentile
+from .timing import best_time
 
 DEFAULT_SUITE_DIR = Path(__file__).resolve().parent / "suites"
 README_START = "<!-- bench-cpu:start"

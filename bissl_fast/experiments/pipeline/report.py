@@ -39,12 +39,12 @@ def render_markdown(summary: dict[str, Any], source: str) -> str:
         "|---|---:|---:|",
     ]
     for name, result in summary["results"].items():
-        lines.append(f"| {INIT_NAMES.get(name, name)} | {100 * result['top1_mean']:.2f} ± {100 * result['top1_std']:.2f} | "
+        lines.append(f"| {INIT_NAMES.get(name, name)} | {result['top1_percent_mean']:.2f} ± {result['top1_percent_std']:.2f} | "
                      f"{len(result['runs'])} |")
     lines += [
         "",
-        f"Runtime: {_duration(summary['wall_time_s_this_process'])} wall in one process with {cfg['threads']} thread(s) "
-        f"on {cfg['device']}. Produced by: {short_form(summary.get('provenance'))}. A single run, not a controlled "
+        f"Runtime: {_duration(summary['wall_time_s_total'])} wall ({len(summary['wall_time_s_by_process'])} "
+        f"process(es) in turn, {summary.get('world_size', 1)} rank(s), {cfg['threads']} thread(s)) on {cfg['device']}. Produced by: {short_form(summary.get('provenance'))}. A single run, not a controlled "
         "comparison (the demo above is one).",
     ]
     return "\n".join(lines)
