@@ -361,6 +361,7 @@ def run_bench(
     raw_dir = Path(tempfile.mkdtemp(prefix="bissl_bench_"))
     env = dict(os.environ, BISSL_BENCH_THREADS=str(threads), BISSL_BENCH_DEVICE=dev.type)
 
+    produced_by = provenance(BENCHMARK_SUITE_PATTERNS)  # the code as the run starts
     before = calibrate(dev)
     merged: dict[str, Any] = {"benchmarks": []}
     suite_loads: dict[str, Any] = {}
@@ -404,7 +405,7 @@ def run_bench(
         print("no benchmark results were written", file=sys.stderr)
         return max(codes) or 1
     meta = {
-        "provenance": provenance(BENCHMARK_SUITE_PATTERNS),
+        "provenance": produced_by,
         "device": _device_label(dev), "torch": torch.__version__, "python": merged.get("machine_info", {}).get("python_version", "?"),
         "threads": threads, "machine_load": load, "suite_machine_load": suite_loads, "ceilings": ceilings,
     }

@@ -280,12 +280,13 @@ def _run(args: argparse.Namespace, data: ImageDataset) -> dict[str, Any]:
         f"{args.workers} worker process(es)", flush=True,
     )
     load_start = _load_average()
+    produced_by = provenance()  # the code as the run starts: files may change while it runs
     wall0 = time.perf_counter()
     records = _run_replicates(args, data, seeds)
     wall = time.perf_counter() - wall0
     first = records[0]["sizes"]
     summary: dict[str, Any] = {
-        "provenance": provenance(),
+        "provenance": produced_by,
         "config": {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG},
         "dataset": {
             "name": data.name, "images": int(data.x.shape[0]), "shape": list(data.x.shape),

@@ -127,6 +127,8 @@ def _run(
     cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_checkpoint: Callable[[str], None], load_at_start: float
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
+    # The code as this process starts (a resumed run records the code of the process that finished it).
+    produced_by = provenance()
     rank, world = rank_and_world()
     for name in ("pretext_batch_size", "downstream_batch_size", "finetune_batch_size"):
         if getattr(cfg, name) % world:
@@ -277,7 +279,7 @@ def _run(
         checkpoint("finetune")
 
     summary = {
-        "provenance": provenance(),
+        "provenance": produced_by,
         "config": asdict(cfg),
         "world_size": world,
         "checkpoint_loads": load_reports,
