@@ -1,8 +1,10 @@
 """``bissl-fast bench``: run the benchmark suites for this device and write a table, JSON, Markdown and plots.
 
 The suites are the pytest-benchmark files ``bench_*.py`` shipped in ``bissl_fast/bench/suites``
-(in a checkout, ``benchmarks/``). Each suite runs in its own pytest process, with the intra-op
-thread count fixed. A fixed calibration kernel runs before and after the whole run (here) and
+(in a checkout, ``benchmarks/``). Each suite runs in its own pytest process (:mod:`.suite_runs`:
+``--select``, ``--quick``, what Ctrl-C keeps), with the intra-op thread count fixed. A run stopped
+by Ctrl-C still writes the report of the suites that finished, marked as interrupted at its top.
+A fixed calibration kernel runs before and after the whole run (here) and
 around each suite (in its conftest); if either says the machine was busy, the report says so at
 the top instead of publishing the numbers silently (docs/design.md §5).
 
@@ -16,14 +18,10 @@ rewrites that block (``bissl-fast bench --update-readme README.md`` does it afte
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +29,20 @@ import torch
 
 from .._machine import calibrate, machine_load, percentile
 from .._provenance import BENCHMARK_SUITE_PATTERNS, older_code_note, provenance, short_form
+from .suite_runs import (
+    QUICK_MAX_TIME_S,
+    QUICK_PYTEST_OPTIONS,
+    BenchError,
+    check_requirements,
+    run_suites,
+    select_suites,
+)
 from .timing import best_time
 
 DEFAULT_SUITE_DIR = Path(__file__).resolve().parent / "suites"
 README_START = "<!-- bench-cpu:start"
 README_END = "<!-- bench-cpu:end -->"
-
-
-class BenchError(RuntimeError):
-    """A problem that stops ``bissl-fast bench`` before it runs anything (reported as one line)."""
+_INTERRUPTED = 130  # exit code of a run stopped by Ctrl-C (128 + SIGINT)
 
 
 def measure_ceilings(device: torch.device) -> dict[str, float]:
@@ -178,11 +181,18 @@ def _header(meta: dict[str, Any]) -> str:
         f"fp32 matmul {ceil['matmul_flops_per_s'] / 1e12:.2f} TFLOP/s"
         if ceil else ""
     )
+    suites = meta.get("suites") or {}
+    stopped = ""
+    if suites.get("interrupted") or suites.get("not_run"):
+        missing = ([suites["interrupted"]] if suites.get("interrupted") else []) + suites.get("not_run", [])
+        stopped = (f"> **INTERRUPTED: only {', '.join(suites['finished'])} finished**; "
+                   f"not in this report: {', '.join(missing)}.\n\n")
+    quick = "; --quick: one size per op, fewer rounds" if meta.get("quick") else ""
     return (
-        f"# bissl_fast benchmarks\n\n{load_banner(meta['machine_load'])}\n\n"
+        f"# bissl_fast benchmarks\n\n{stopped}{load_banner(meta['machine_load'])}\n\n"
         f"device: {meta['device']}; torch {meta['torch']}; python {meta.get('python', '?')}; "
-        f"intra-op threads {meta['threads']} (rows say when a suite uses fewer){ceilings}; "
-        f"{short_form(meta.get('provenance'))}\n\n"
+        f"intra-op threads {meta['threads']} (rows say when a suite uses fewer); timer {meta.get('timer', '?')}"
+        f"{quick}{ceilings}; {short_form(meta.get('provenance'))}\n\n"
         "vs reference: median over rounds of (reference time / fast time), the two timed alternately in "
         "one process; ratio p20-p80: the band of those per-round ratios (rows whose band is wider than "
         "10% of the median after the round/time cap are marked unstable). % of floor: floor / median, the "
@@ -313,81 +323,49 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     return written
 
 
-def _check_requirements(suite_dir: Path, device: str | None) -> list[Path]:
-    missing = [name for name in ("pytest", "pytest_benchmark", "matplotlib") if importlib.util.find_spec(name) is None]
-    if missing:
-        raise BenchError(f"bissl-fast bench needs {', '.join(missing)}: pip install 'bissl_fast[test]'")
-    if device not in (None, "cpu", "cuda"):
-        raise BenchError(f"--device must be cpu or cuda, got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise BenchError("--device cuda: this torch sees no CUDA device")
-    if not suite_dir.is_dir():
-        raise BenchError(f"benchmark suites not found at {suite_dir}; pass --suite-dir <folder with bench_*.py>")
-    suites = sorted(p for p in suite_dir.glob("bench_*.py") if p.name != "bench_utils.py")
-    if not suites:
-        raise BenchError(f"no bench_*.py suites in {suite_dir}")
-    return suites
-
-
 def run_bench(
     out_dir: Path,
     suite_dir: Path = DEFAULT_SUITE_DIR,
     select: str | None = None,
     device: str | None = None,
-    max_time: float = 1.0,
-    threads: int | None = None,
+    max_time: float | None = None,
+    threads: int = 1,
     update_readme_path: Path | None = None,
+    quick: bool = False,
 ) -> int:
     """Run the suites (pytest-benchmark), then print and write the report; returns the worst pytest exit code.
 
-    Raises :class:`BenchError` (before running anything) when a requirement is missing.
+    ``select``: comma-separated names, the suites whose name contains one. ``quick``: one size per op,
+    fewer rounds, no per-layer profile. ``max_time``: seconds of timing per row (default 1, quick 0.25).
+    Ctrl-C writes the report of the suites that finished and returns 130. Raises :class:`BenchError`
+    (before running anything) when a requirement is missing.
     """
-    suites = _check_requirements(Path(suite_dir), device)
-    if select:
-        suites = [s for s in suites if select in s.stem]
-        if not suites:
-            raise BenchError(f"no suite name contains {select!r}")
-    if threads is not None and threads < 1:
+    suites = select_suites(check_requirements(Path(suite_dir), device), select)
+    if threads < 1:
         raise BenchError(f"--threads must be >= 1, got {threads}")
     if update_readme_path is not None:
         if not Path(update_readme_path).is_file():
             raise BenchError(f"--update-readme: {update_readme_path} does not exist")
         readme_block_source(Path(update_readme_path).read_text())  # fail now, not after the run
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     out_dir = Path(out_dir).resolve()  # pytest runs inside the suite folder
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw_dir = Path(tempfile.mkdtemp(prefix="bissl_bench_"))
     env = dict(os.environ, BISSL_BENCH_THREADS=str(threads), BISSL_BENCH_DEVICE=dev.type)
+    max_time = max_time if max_time is not None else (QUICK_MAX_TIME_S if quick else 1.0)
+    options = [f"--benchmark-max-time={max_time}"]
+    if quick:
+        env["BISSL_BENCH_SIZES"] = "quick"
+        options += QUICK_PYTEST_OPTIONS
 
     produced_by = provenance(BENCHMARK_SUITE_PATTERNS)  # the code as the run starts
     before = calibrate(dev)
-    merged: dict[str, Any] = {"benchmarks": []}
-    suite_loads: dict[str, Any] = {}
-    codes = []
-    start = time.perf_counter()
-    for i, suite in enumerate(suites, 1):
-        print(f"[{i}/{len(suites)}] {suite.name}: running ({time.perf_counter() - start:.0f} s so far)", flush=True)
-        raw = raw_dir / f"{suite.stem}.json"
-        # Skip reasons are printed by -rs; pytest-benchmark's own table is replaced by ours.
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "--benchmark-quiet",
-               "--benchmark-save-data", f"--benchmark-json={raw}", f"--benchmark-max-time={max_time}",
-               "--benchmark-min-rounds=3", str(suite)]
-        code = subprocess.call(cmd, cwd=suite.parent, env=env)
-        # After the first suite our own work is in the load average: judge by calibration only.
-        env["BISSL_BENCH_SKIP_LOADAVG"] = "1"
-        codes.append(0 if code == 5 else code)  # 5: every case skipped here (no tests ran)
-        if raw.exists():
-            data = json.loads(raw.read_text())
-            raw.unlink()
-            merged["benchmarks"] += data.get("benchmarks", [])
-            merged.setdefault("machine_info", data.get("machine_info", {}))
-            suite_loads[suite.stem] = data.get("bissl_fast", {}).get("machine_load")
-        print(f"[{i}/{len(suites)}] {suite.name}: exit code {code}", flush=True)
-    raw_dir.rmdir()
+    runs = run_suites(suites, env, options)
+    stopped = runs.interrupted is not None or bool(runs.not_run)
+    if stopped and not runs.finished:
+        print("interrupted before any suite finished: nothing written", file=sys.stderr)
+        return _INTERRUPTED
     profiles = None
-    if any(s.stem == "bench_solver" for s in suites):
+    if "bench_solver" in runs.finished and not quick and not stopped:
         print("profiling one HVP and one upper stage per CPU model (1 thread)", flush=True)
         from .profile_hvp import format_profiles, run_profiles
 
@@ -395,34 +373,49 @@ def run_bench(
     after = calibrate(dev)
 
     load = machine_load(before, after)
-    for name, suite_load in suite_loads.items():
+    for name, suite_load in runs.machine_loads.items():
         if suite_load and suite_load["loaded"]:
             load["loaded"] = True
             load["reasons"] += [f"{name}: {reason}" for reason in suite_load["reasons"]]
     ceilings = measure_ceilings(dev)
-    rows = summarize(merged, ceilings)
+    rows = summarize(runs.merged, ceilings)
     if not rows:
         print("no benchmark results were written", file=sys.stderr)
-        return max(codes) or 1
+        return _INTERRUPTED if stopped else (max(runs.exit_codes) or 1)
     meta = {
         "provenance": produced_by,
-        "device": _device_label(dev), "torch": torch.__version__, "python": merged.get("machine_info", {}).get("python_version", "?"),
-        "threads": threads, "machine_load": load, "suite_machine_load": suite_loads, "ceilings": ceilings,
+        "device": _device_label(dev), "torch": torch.__version__, "python": runs.merged.get("machine_info", {}).get("python_version", "?"),
+        "threads": threads, "timer": _timer_name(runs.merged), "quick": quick,
+        "suites": {"finished": runs.finished, "interrupted": runs.interrupted, "not_run": runs.not_run},
+        "machine_load": load, "suite_machine_load": runs.machine_loads, "ceilings": ceilings,
     }
     text = _header(meta) + markdown_table(rows) + "\n"
+    out_dir.mkdir(parents=True, exist_ok=True)  # only now: an interrupted run with nothing to show leaves none
     if profiles is not None:
         text += "\n## Upper stage by phase and layer type\n\n" + format_profiles(profiles) + "\n"
         (out_dir / "upper_stage_profile.json").write_text(json.dumps(profiles, indent=2) + "\n")
     (out_dir / "results.md").write_text(text)
     (out_dir / "results.json").write_text(json.dumps({**meta, "results": rows}, indent=2) + "\n")
-    (out_dir / "pytest_benchmark.json").write_text(json.dumps(merged, indent=2) + "\n")
+    (out_dir / "pytest_benchmark.json").write_text(json.dumps(runs.merged, indent=2) + "\n")
     plots = plot(rows, out_dir)
     print(text)
     print(f"wrote {out_dir / 'results.json'}, {out_dir / 'results.md'}, pytest_benchmark.json and {len(plots)} plots")
+    if stopped:
+        print(f"interrupted: the report holds the suites that finished ({', '.join(runs.finished)})",
+              file=sys.stderr)
+        if update_readme_path is not None:
+            print(f"{update_readme_path} not updated (an interrupted run is not a complete result)", file=sys.stderr)
+        return _INTERRUPTED
     if update_readme_path is not None:
         update_readme(update_readme_path, out_dir / "results.json")
         print(f"updated the benchmark table in {update_readme_path}")
-    return max(codes)
+    return max(runs.exit_codes)
+
+
+def _timer_name(merged: dict[str, Any]) -> str:
+    """The clock pytest-benchmark timed the rows with (the suites' conftest picks it)."""
+    timers = {b.get("options", {}).get("timer") for b in merged["benchmarks"]}
+    return ", ".join(sorted(t for t in timers if t)) or "?"
 
 
 def _device_label(device: torch.device) -> str:

@@ -136,17 +136,18 @@ def _run(
     splits = load_splits(cfg, device)
     channels = splits.x_train.shape[1]
     torch.manual_seed(cfg.seed)
-    backbone, feature_dim = build_backbone(cfg.arch, channels)
+    backbone, feature_dim = build_backbone(cfg.arch, channels, image_size=splits.x_train.shape[-1])
     pretext = ProjectionModel(backbone, feature_dim, byol=cfg.pretext == "byol", batchnorm=cfg.projector_batchnorm).to(device)
     load_reports = {}
     if cfg.pretext_checkpoint is not None:
-        load_reports["backbone"] = load_weights(pretext.backbone, cfg.pretext_checkpoint, allow_unexpected=HEAD_PREFIXES).summary()
+        load_reports["backbone"] = load_weights(pretext.backbone, cfg.pretext_checkpoint,
+                                                ignore=HEAD_PREFIXES + cfg.checkpoint_ignore_prefixes()).summary()
     if cfg.pretext_head_checkpoint is not None:
         load_reports["head"] = load_weights(pretext.head, cfg.pretext_head_checkpoint, prefix="projector.",
-                                            allow_unexpected=("predictor.",)).summary()
+                                            ignore=("predictor.",)).summary()
         if pretext.predictor is not None:
             load_reports["predictor"] = load_weights(pretext.predictor, cfg.pretext_head_checkpoint, prefix="predictor.",
-                                                     allow_unexpected=("projector.",)).summary()
+                                                     ignore=("projector.",)).summary()
 
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
