@@ -95,7 +95,7 @@ def provenance(extra_patterns: Iterable[str] = (), command: Sequence[str] | None
         "source_patterns": list(patterns),
         "source_files": len(source_files(patterns)),
         "versions": {"python": platform.python_version(), **{name: _version(name) for name in _VERSIONED}},
-        "torch_build": {"version": torch.__version__, "cuda": torch.version.cuda, "debug": torch.version.debug},
+        "torch_build": {"version": str(torch.__version__), "cuda": torch.version.cuda, "debug": torch.version.debug},
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_model": _cpu_model(),
         "machine": platform.machine(),
