@@ -207,3 +207,35 @@ def test_per_tensor_lam_errors(digits):
         BiSSLConfig(lam=[0.0], damping=0.0)
     with pytest.raises(TypeError, match="concat_views"):
         BiSSLConfig(concat_views="yes")
+
+
+def test_solve_settings_and_errors():
+    cfg = BiSSLConfig()
+    assert (cfg.solve_method, cfg.layerwise, cfg.cg_layerwise, cfg.auto_damping) == ("cg", None, True, False)
+    assert not BiSSLConfig(layerwise=False).cg_layerwise and not BiSSLConfig(solve_method="minres").cg_layerwise
+    with pytest.raises(ValueError, match="solve_method must be one of"):
+        BiSSLConfig(solve_method="gmres")
+    with pytest.raises(ValueError, match="layerwise applies to CG only"):
+        BiSSLConfig(solve_method="minres", layerwise=True)
+    with pytest.raises(TypeError, match="measure_residual must be a bool or None"):
+        BiSSLConfig(measure_residual=1)
+    with pytest.raises(TypeError, match="auto_damping must be a bool"):
+        BiSSLConfig(auto_damping="yes")
+    with pytest.raises(ValueError, match="auto_damping needs solver='reuse'"):
+        BiSSLConfig(auto_damping=True, solver="recompute")
+
+
+@pytest.mark.parametrize("solve_method", ["cg", "minres"])
+def test_auto_damping_and_minres_in_a_stage(digits, solve_method):
+    """The stage log carries the raised damping and every product (solves, residual checks, Lanczos);
+    reuse and the paper-style recompute agree for MINRES too."""
+    trainer = _trainer(digits, "simclr", batchnorm=True, damping=0.5, auto_damping=True, solve_method=solve_method)
+    log = trainer.fit(1)[0]
+    assert log.damping > 0.5 and log.indefinite is False
+    assert log.hessian_products == 10 + 2 * (3 + (solve_method == "cg"))
+    runs = {}
+    for solver in ("reuse", "recompute"):
+        t = _trainer(digits, "simclr", batchnorm=True, solve_method=solve_method, solver=solver)
+        t.fit(1)
+        runs[solver] = _state(t)
+    assert rel_err(runs["reuse"], runs["recompute"]) < 1e-10

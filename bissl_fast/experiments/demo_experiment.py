@@ -379,6 +379,6 @@ def run_replicate(
             "B": bissl_log[0]["lower_losses"][0] if bissl_log and bissl_log[0]["lower_losses"] else None,
             "C": control_log[0]["lower_losses"][0] if control_log and control_log[0]["lower_losses"] else None,
         },
-        "cg_final_relative_residual_max": max((r for e in bissl_log for r in e["cg_relative_residuals"]), default=None),
+        "solve_relative_residual_max": max((r for e in bissl_log for r in e["solve_residuals"]), default=None),
         "times": times,
     }

@@ -5,6 +5,7 @@ import copy
 import json
 import os
 import statistics
+import sys
 import time
 from dataclasses import asdict
 from typing import Any, Callable, Iterable
@@ -17,6 +18,7 @@ from ...train.backbones import build_backbone
 from ...train.checkpoints import HEAD_PREFIXES, load_weights, save_atomic
 from ...train.heads import Classifier, ProjectionModel
 from ...train.resume import rng_state, set_rng_state
+from ...train.stage import StageLog
 from .config import PipelineConfig, fingerprint
 from .inputs import Augment, load_splits, make_loader
 from .runtime import (
@@ -155,6 +157,9 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
         lrs = {"lower_lr": trainer.lower_optimizer.param_groups[0]["lr"], "upper_lr": trainer.upper_optimizer.param_groups[0]["lr"]}
         with autocast(cfg):
             entry = trainer.train_stage()
+        warning = solve_warning(entry, cfg.stages)
+        if warning is not None and rank == 0:
+            print(warning, file=sys.stderr, flush=True)
         record = {"phase": "bissl", **entry.as_dict(), **lrs}
         log.write(record, step=entry.stage)
         state["trainer"] = trainer.state_dict()
@@ -213,7 +218,8 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
             }
             for name, res in results.items()
         },
-        "bissl": [{k: e[k] for k in ("stage", "lower_loss", "upper_loss", "cg_relative_residuals")} for e in trainer.log],
+        "bissl": [{k: e[k] for k in ("stage", "lower_loss", "upper_loss", "solve_residuals", "no_solve_residuals")}
+                  for e in trainer.log],
         "wall_time_s_this_process": time.perf_counter() - t_start,
     }
     if rank == 0:
@@ -225,6 +231,21 @@ def _run(cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_chec
     return summary
 
 
+def solve_warning(entry: StageLog, stages: int) -> str | None:
+    """One line when some implicit-gradient solve of the stage ended further from solving its system than no solve."""
+    if not entry.solves_worse:
+        return None
+    worse = [(r, n) for r, n in zip(entry.solve_residuals, entry.no_solve_residuals) if n is not None and r > n]
+    worst = max(worse, key=lambda pair: pair[0] / pair[1])
+    indefinite = " (the system is indefinite)" if entry.indefinite else ""
+    return (
+        f"bissl-fast run: warning: BiSSL stage {entry.stage + 1}/{stages}: {entry.solves_worse} of "
+        f"{len(entry.solve_residuals)} implicit-gradient solves ({entry.solve_method}) ended with a larger relative "
+        f"residual than no solve (x = v), worst {worst[0]:.3g} vs {worst[1]:.3g}{indefinite}; remedy: "
+        f"--solve-method minres, or a larger --damping (now {entry.damping:g}) or --auto-damping"
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short table: top-1 / top-5 test accuracy per initialization."""
     lines = [f"{'init':<8} {'top-1 (%)':>16} {'top-5 (%)':>10}  seeds"]
@@ -233,4 +254,4 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_summary", "run_pipeline"]
+__all__ = ["format_summary", "run_pipeline", "solve_warning"]
