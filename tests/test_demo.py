@@ -79,6 +79,32 @@ def test_replicate_control_replays_the_bissl_lower_batches(pretext, one_intra_op
     assert again["test_acc"] == record["test_acc"]  # one seed fixes the whole replicate
 
 
+def test_minres_arm_repeats_bissl_with_the_minres_solve(one_intra_op_thread):
+    """Arm M is B's run with MINRES: same batches (checked inside), same step counts; adding it leaves every
+    other arm's result unchanged; the per-stage solve quality of B and M is recorded."""
+    from bissl_fast.data.tensors import load_digits
+
+    data = load_digits(size=None)
+    plain = demo_experiment.run_replicate(_settings(), data, 5, torch.device("cpu"))
+    record = demo_experiment.run_replicate(_settings(minres_arm=True), data, 5, torch.device("cpu"))
+    assert set(record["test_acc"]) == {"A", "B", "C", "D", "M"}
+    assert {arm: record["test_acc"][arm] for arm in plain["test_acc"]} == plain["test_acc"]
+    assert record["lower_steps"] == {"B": 6, "C": 6, "M": 6}
+    quality = record["solve_quality"]
+    assert quality["B"]["method"] == "cg-layerwise" and quality["M"]["method"] == "minres"
+    assert quality["B"] == plain["solve_quality"]["B"]
+    for arm in ("B", "M"):
+        assert len(quality[arm]["residual"]) == len(quality[arm]["no_solve"]) == 2 and quality[arm]["solves"] == [2, 2]
+    # MINRES never ends further from the solution than x = v; its products are its 5 iterations per solve.
+    assert quality["M"]["worse"] == [0, 0]
+    assert all(r <= n for r, n in zip(quality["M"]["residual"], quality["M"]["no_solve"]))
+    assert quality["M"]["hessian_products"] == [10, 10] and quality["B"]["hessian_products"] == [12, 12]
+    summary = demo_report.summarize([record, record])
+    assert summary["primary"] == "M-B" and list(summary["comparisons"]) == ["M-B", "B-C", "M-C"]
+    assert summary["conclusion"].startswith("BiSSL with the MINRES solve (M) ")
+    assert summary["solve_quality"]["M"]["worse"] == [0, 0] and summary["solve_quality"]["B"]["solves"] == [4, 4]
+
+
 @pytest.mark.slow
 def test_quick_demo_writes_summary(tmp_path, capsys):
     threads = torch.get_num_threads()
