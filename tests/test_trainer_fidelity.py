@@ -113,11 +113,15 @@ def test_defaults_are_the_papers():
 
 
 def test_byol_target_follows_the_configured_momentum(digits):
+    """The paper's order: each lower step first moves the target toward the online weights as they are."""
     trainer = _trainer(digits, "byol", lower_iters=1, upper_iters=0)
     assert trainer.ema.momentum == 0.9995
     target = [p.detach().clone() for p in trainer.target_backbone.parameters()]
+    trainer.train_stage()  # the target starts as a copy of the online network: the first move keeps it
+    assert rel_err([p.detach() for p in trainer.target_backbone.parameters()], target) < 1e-15
+    online = [p.detach().clone() for p in trainer.lower_backbone.parameters()]
     trainer.train_stage()
-    expected = [0.9995 * t + 0.0005 * o.detach() for t, o in zip(target, trainer.lower_backbone.parameters())]
+    expected = [0.9995 * t + 0.0005 * o for t, o in zip(target, online)]
     assert rel_err([p.detach() for p in trainer.target_backbone.parameters()], expected) < 1e-12
 
 

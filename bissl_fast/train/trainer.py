@@ -94,7 +94,8 @@ class BiSSLTrainer:
         upper_transform: maps downstream inputs ``x`` to augmented inputs.
         downstream_loss: ``loss(predictions, y) -> scalar``, differentiable; cross-entropy by default.
         target_model: BYOL target network (``.backbone``, ``.head``); a deep copy of the lower
-            model when omitted. It is updated by EMA after each lower step only.
+            model when omitted. It moves by EMA toward the online network at the start of each
+            lower step (the paper's order), and only then.
 
     ``train_stage()`` runs one lower + upper stage and appends a :class:`StageLog` to ``self.log``;
     ``fit(stages)`` runs several. ``state_dict()`` / ``load_state_dict()`` cover models,
@@ -245,6 +246,11 @@ class BiSSLTrainer:
     def _lower_step(self) -> float:
         cfg = self.config
         views = self._views(self.lower_stream.next())
+        if self.ema is not None:
+            # The paper moves the target at the start of each lower step, toward the online weights
+            # as they are: an upper stage then sees the target before the last lower step's move
+            # (docs/design.md §2.4). Moving it after the step changes the stage (tested).
+            self.ema.update(cfg.byol_momentum)
         loss_p = self.pretext_loss(views, self._targets(views))
         loss = loss_p + self._proximal_term()
         self.lower_optimizer.zero_grad(set_to_none=True)
@@ -256,8 +262,6 @@ class BiSSLTrainer:
         self.lower_optimizer.step()
         if self.lower_scheduler is not None:
             self.lower_scheduler.step()
-        if self.ema is not None:
-            self.ema.update(cfg.byol_momentum)
         self.lower_step += 1
         return float(loss_p.detach())
 
