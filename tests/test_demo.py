@@ -13,6 +13,7 @@ from bissl_fast.experiments import demo, demo_experiment, demo_report, stats
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "benchmarks" / "results" / "demo_cpu_digits_simclr" / "summary.json"
+COMMITTED_MINRES = REPO / "benchmarks" / "results" / "demo_cpu_digits_simclr_minres" / "summary.json"
 
 
 def test_derive_seed_is_a_function_of_seed_and_purpose():
@@ -269,6 +270,22 @@ def test_update_readme_replaces_only_the_block(tmp_path):
     text = readme.read_text()
     assert text.startswith(f"before\n{demo_report.README_START}\n") and text.endswith(f"{demo_report.README_END}\nafter\n")
     assert demo_report.readme_block(text) == demo_report.render_markdown(summary)
+
+
+def test_readme_minres_block_is_generated_from_the_committed_summary():
+    """The MINRES-arm experiment: README block from its JSON, the documented full run, the same batches in B and M."""
+    summary = json.loads(COMMITTED_MINRES.read_text())
+    readme = (REPO / "README.md").read_text()
+    assert demo_report.readme_block(readme, minres=True) == demo_report.render_markdown(summary)
+    assert (COMMITTED_MINRES.parent / "summary.png").stat().st_size > 10_000
+    assert summary["config"]["quick"] is False and summary["config"]["minres_arm"] is True
+    assert summary["primary"] == "M-B" and summary["dataset"]["name"] == "digits"
+    for record in summary["replicates"]:
+        assert record["lower_steps"]["M"] == record["lower_steps"]["B"] == record["lower_steps"]["C"]
+        assert record["solve_quality"]["M"]["method"] == "minres"
+        assert record["solve_quality"]["B"]["method"] == "cg-layerwise"
+    # The command in the README re-creates this folder and block.
+    assert "bissl-fast demo --minres-arm --out benchmarks/results/demo_cpu_digits_simclr_minres --readme README.md" in readme
 
 
 def test_readme_block_is_generated_from_the_committed_summary():
