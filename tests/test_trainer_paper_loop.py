@@ -1,7 +1,7 @@
 """BiSSLTrainer against a plain loop of the paper's procedure (docs/design.md §2.4), three stages in float64.
 
-The loop below is the paper's order of operations written out with the references of
-``bissl_fast.reference``: each lower step first moves the BYOL target toward the online weights, then
+The loop below is the paper's order of operations written out plainly (with the trainer's loss functions and
+``bissl_fast.reference``'s recomputing implicit gradient, so both run the same arithmetic): each lower step first moves the BYOL target toward the online weights, then
 takes the pretext + proximal step (clipping at 10); each upper step takes the downstream gradient
 through the lower backbone, solves the IJ system with products recomputed from scratch, adds the
 direct gradient and steps. Two differences are known and deliberate: the trainer restores the
@@ -23,6 +23,7 @@ from bissl_fast import reference as R
 from bissl_fast.data.tensors import load_digits
 from bissl_fast.train.config import BiSSLConfig
 from bissl_fast.train.heads import Classifier
+from bissl_fast.train.losses import byol_pair_loss, simclr_loss
 from bissl_fast.train.models import PretextModel, SmallResNet
 from bissl_fast.train.trainer import BiSSLTrainer
 
@@ -65,8 +66,9 @@ def _trainer_run(pretext: str, batchnorm: bool, batches) -> list[torch.Tensor]:
     lower, upper = _models(pretext, batchnorm)
     config = BiSSLConfig(
         pretext=pretext, lower_iters=LOWER_ITERS, upper_iters=UPPER_ITERS, cg_iters=CG_ITERS, lam=LAM, damping=DAMPING,
-        byol_momentum=MOMENTUM, progress=False,
-        # PyTorch's BatchNorm kernels, as in the loop (the fused ones agree to rounding, tested elsewhere).
+        byol_momentum=MOMENTUM, progress=False, solver="recompute",
+        # The paper's per-product recompute and PyTorch's BatchNorm kernels, as in the loop: the same arithmetic, so
+        # the comparison is of the procedure (graph reuse and the fused kernels agree to rounding, tested elsewhere).
         fused_batchnorm=False,
     )
     trainer = BiSSLTrainer(lower, upper, list(batches[0]), list(batches[1]), _sgd(lower), _sgd(upper), config,
@@ -93,11 +95,11 @@ def _paper_loop(pretext: str, batchnorm: bool, batches, target_moves_first: bool
 
     def pretext_loss(views):
         if target is None:
-            return R.nt_xent(torch.cat([lower.head(lower.backbone(v)) for v in views]), temperature=0.5)
+            return simclr_loss(torch.cat([lower.head(lower.backbone(v)) for v in views]), 0.5, 2, "auto")
         p1, p2 = (lower.predictor(lower.head(lower.backbone(v))) for v in views)
         with torch.no_grad():
             t1, t2 = (target.head(target.backbone(v)) for v in views)
-        return R.byol_loss(p1, p2, t1, t2)
+        return byol_pair_loss(p1, p2, t1, t2, "auto")
 
     lower_params, upper_backbone, head = (tuple(m.parameters()) for m in (lower.backbone, upper.backbone, upper.head))
     for _ in range(STAGES):
