@@ -126,8 +126,9 @@ def older_code_note(record: dict[str, Any] | None) -> str | None:
     today = source_hash(record.get("source_patterns", SOURCE_PATTERNS))
     if record.get("source_sha256") == today:
         return None
-    return (f"**Results from older code**: produced by sources {record.get('source_sha256', '?')[:12]}, the code "
-            f"today hashes to {today[:12]}; re-run the command above to refresh them.")
+    # Today's hash is left out so that the note, once written into the README, stays true through later edits.
+    return (f"**Results from older code**: produced by sources {record.get('source_sha256', '?')[:12]}, which are "
+            "not today's; re-run the command above to refresh them.")
 
 
 __all__ = ["BENCHMARK_SUITE_PATTERNS", "SOURCE_PATTERNS", "older_code_note", "provenance", "short_form", "source_files",

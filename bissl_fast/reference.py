@@ -27,6 +27,9 @@ Tensors = tuple[torch.Tensor, ...]
 
 #: Epsilons of the paper's CG: alpha = r.r / (d.Hd + CG_EPS), beta = r'.r' / (r.r + CG_EPS).
 CG_EPS = 1e-12
+#: Floor of MINRES's rotation denominator and relative threshold of an invariant Krylov space
+#: (float64 machine epsilon, as in SciPy's minres).
+MINRES_EPS = 2.220446049250313e-16
 NORMALIZE_EPS = 1e-12
 
 
@@ -155,6 +158,56 @@ def cg_solve(
     return tuple(torch.nan_to_num(xi) for xi in x)
 
 
+def minres_solve(
+    matvec: Callable[[Tensors], Sequence[torch.Tensor]],
+    b: Sequence[torch.Tensor],
+    iters: int = 5,
+) -> Tensors:
+    """MINRES (Paige-Saunders) for a symmetric ``A x = b`` from ``x0 = 0``, one plain loop (docs/design.md §2.3).
+
+    ``b`` is a tuple of tensors and ``matvec`` maps such a tuple to ``A`` applied to it; ``A`` may be
+    indefinite. Iterate ``k`` minimizes ``||b - A x||`` over the Krylov space ``K_k(A, b)``. The
+    recurrences are those of SciPy's ``scipy.sparse.linalg.minres`` without preconditioner; the
+    scalars are float64 Python numbers. Stops early when the Krylov space is invariant (then the
+    iterate solves the system).
+    """
+    b = check_tensor_tuple("b", b)
+    iters = check_int_at_least("iters", iters, 1)
+    x = [torch.zeros_like(t) for t in b]
+    beta1 = float(sum(_dot(t, t) for t in b)) ** 0.5
+    if beta1 == 0.0:
+        return tuple(x)
+    r1 = [t.clone() for t in b]
+    r2 = [t.clone() for t in b]
+    w = [torch.zeros_like(t) for t in b]
+    w2 = [torch.zeros_like(t) for t in b]
+    oldb, beta, dbar, epsln, phibar, cs, sn = 0.0, beta1, 0.0, 0.0, beta1, -1.0, 0.0
+    for k in range(iters):
+        v = [t * (1.0 / beta) for t in r2]
+        y = list(matvec(tuple(v)))
+        if k > 0:
+            y = [yi - (beta / oldb) * ri for yi, ri in zip(y, r1)]
+        alfa = float(sum(_dot(vi, yi) for vi, yi in zip(v, y)))
+        y = [yi - (alfa / beta) * ri for yi, ri in zip(y, r2)]
+        r1, r2 = r2, y
+        oldb, beta = beta, float(sum(_dot(t, t) for t in r2)) ** 0.5
+        # Apply the previous rotation, then the new one that annihilates beta.
+        oldeps = epsln
+        delta = cs * dbar + sn * alfa
+        gbar = sn * dbar - cs * alfa
+        epsln = sn * beta
+        dbar = -cs * beta
+        gamma = max((gbar * gbar + beta * beta) ** 0.5, MINRES_EPS)
+        cs, sn = gbar / gamma, beta / gamma
+        phi, phibar = cs * phibar, sn * phibar
+        w1, w2 = w2, w
+        w = [(vi - oldeps * a - delta * c) * (1.0 / gamma) for vi, a, c in zip(v, w1, w2)]
+        x = [xi + phi * wi for xi, wi in zip(x, w)]
+        if beta <= 10 * MINRES_EPS * beta1:
+            break
+    return tuple(torch.nan_to_num(xi) for xi in x)
+
+
 def implicit_grad(
     loss_fn: Callable[[], torch.Tensor],
     params: Sequence[torch.Tensor],
@@ -163,12 +216,17 @@ def implicit_grad(
     damping: float = 10.0,
     iters: int = 5,
     layerwise: bool = True,
+    method: str = "cg",
 ) -> Tensors:
-    """Solve ``(I + H / (lam + damping)) x = v`` by CG, ``H`` the Hessian of ``loss_fn()`` w.r.t. ``params``.
+    """Solve ``(I + H / (lam + damping)) x = v``, ``H`` the Hessian of ``loss_fn()`` w.r.t. ``params``.
 
-    The paper's implicit-gradient step: the HVP is recomputed from scratch on every CG iteration,
+    The paper's implicit-gradient step: the HVP is recomputed from scratch on every iteration,
     and ``v`` and every HVP are averaged over torch.distributed ranks when a group is initialized.
+    ``method="cg"`` (the paper's; ``layerwise`` as in :func:`cg_solve`) or ``"minres"``
+    (:func:`minres_solve`, which has no layerwise mode: ``layerwise`` is then ignored).
     """
+    if method not in ("cg", "minres"):
+        raise ValueError(f"method must be 'cg' or 'minres', got {method!r}")
     params = check_tensor_tuple("params", params)
     v = check_tensor_tuple("v", v, like=params)
     scale = 1.0 / check_positive("lam + damping", check_nonnegative("lam", lam) + check_nonnegative("damping", damping))
@@ -178,6 +236,8 @@ def implicit_grad(
         hd = average_over_ranks(hvp(loss_fn, params, d))
         return tuple(di + scale * hdi for di, hdi in zip(d, hd))
 
+    if method == "minres":
+        return minres_solve(matvec, v, iters=iters)
     return cg_solve(matvec, v, iters=iters, layerwise=layerwise)
 
 
@@ -187,6 +247,7 @@ __all__ = [
     "cg_solve",
     "hvp",
     "implicit_grad",
+    "minres_solve",
     "normalized_regression",
     "nt_xent",
     "positive_index",

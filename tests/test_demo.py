@@ -13,6 +13,7 @@ from bissl_fast.experiments import demo, demo_experiment, demo_report, demo_setu
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "benchmarks" / "results" / "demo_cpu_digits_simclr" / "summary.json"
+COMMITTED_MINRES = REPO / "benchmarks" / "results" / "demo_cpu_digits_simclr_minres" / "summary.json"
 
 
 def test_derive_seed_is_a_function_of_seed_and_purpose():
@@ -77,6 +78,32 @@ def test_replicate_control_replays_the_bissl_lower_batches(pretext, one_intra_op
     assert record["sizes"] == {"unlabeled": 1797 - 70, "labeled": 20, "val": 20, "test": 50}
     again = demo_experiment.run_replicate(_settings(pretext=pretext), data, 7, torch.device("cpu"))
     assert again["test_acc"] == record["test_acc"]  # one seed fixes the whole replicate
+
+
+def test_minres_arm_repeats_bissl_with_the_minres_solve(one_intra_op_thread):
+    """Arm M is B's run with MINRES: same batches (checked inside), same step counts; adding it leaves every
+    other arm's result unchanged; the per-stage solve quality of B and M is recorded."""
+    from bissl_fast.data.tensors import load_digits
+
+    data = load_digits(size=None)
+    plain = demo_experiment.run_replicate(_settings(), data, 5, torch.device("cpu"))
+    record = demo_experiment.run_replicate(_settings(minres_arm=True), data, 5, torch.device("cpu"))
+    assert set(record["test_acc"]) == {"A", "B", "C", "D", "M"}
+    assert {arm: record["test_acc"][arm] for arm in plain["test_acc"]} == plain["test_acc"]
+    assert record["lower_steps"] == {"B": 6, "C": 6, "M": 6}
+    quality = record["solve_quality"]
+    assert quality["B"]["method"] == "cg-layerwise" and quality["M"]["method"] == "minres"
+    assert quality["B"] == plain["solve_quality"]["B"]
+    for arm in ("B", "M"):
+        assert len(quality[arm]["residual"]) == len(quality[arm]["no_solve"]) == 2 and quality[arm]["solves"] == [2, 2]
+    # MINRES never ends further from the solution than x = v; its products are its 5 iterations per solve.
+    assert quality["M"]["worse"] == [0, 0]
+    assert all(r <= n for r, n in zip(quality["M"]["residual"], quality["M"]["no_solve"]))
+    assert quality["M"]["hessian_products"] == [10, 10] and quality["B"]["hessian_products"] == [12, 12]
+    summary = demo_report.summarize([record, record])
+    assert summary["primary"] == "M-B" and list(summary["comparisons"]) == ["M-B", "B-C", "M-C"]
+    assert summary["conclusion"].startswith("BiSSL with the MINRES solve (M) ")
+    assert summary["solve_quality"]["M"]["worse"] == [0, 0] and summary["solve_quality"]["B"]["solves"] == [4, 4]
 
 
 @pytest.mark.slow
@@ -243,6 +270,22 @@ def test_update_readme_replaces_only_the_block(tmp_path):
     text = readme.read_text()
     assert text.startswith(f"before\n{demo_report.README_START}\n") and text.endswith(f"{demo_report.README_END}\nafter\n")
     assert demo_report.readme_block(text) == demo_report.render_markdown(summary)
+
+
+def test_readme_minres_block_is_generated_from_the_committed_summary():
+    """The MINRES-arm experiment: README block from its JSON, the documented full run, the same batches in B and M."""
+    summary = json.loads(COMMITTED_MINRES.read_text())
+    readme = (REPO / "README.md").read_text()
+    assert demo_report.readme_block(readme, minres=True) == demo_report.render_markdown(summary)
+    assert (COMMITTED_MINRES.parent / "summary.png").stat().st_size > 10_000
+    assert summary["config"]["quick"] is False and summary["config"]["minres_arm"] is True
+    assert summary["primary"] == "M-B" and summary["dataset"]["name"] == "digits"
+    for record in summary["replicates"]:
+        assert record["lower_steps"]["M"] == record["lower_steps"]["B"] == record["lower_steps"]["C"]
+        assert record["solve_quality"]["M"]["method"] == "minres"
+        assert record["solve_quality"]["B"]["method"] == "cg-layerwise"
+    # The command in the README re-creates this folder and block.
+    assert "bissl-fast demo --minres-arm --out benchmarks/results/demo_cpu_digits_simclr_minres --readme README.md" in readme
 
 
 def test_readme_block_is_generated_from_the_committed_summary():

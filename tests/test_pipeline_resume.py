@@ -231,15 +231,15 @@ def test_tensorboard_holds_every_record_once(tmp_path):
     tags = events.Tags()["scalars"]
     steps = {tag: [e.step for e in events.Scalars(tag)] for tag in tags}
     assert all(len(s) == len(set(s)) for s in steps.values()), {t: s for t, s in steps.items() if len(s) != len(set(s))}
-    assert steps["bissl/lower_loss"] == [0, 1] and steps["bissl/cg_relative_residual_max"] == [0, 1]
+    assert steps["bissl/lower_loss"] == [0, 1] and steps["bissl/solve_relative_residual_max"] == [0, 1]
     assert steps["pretext/loss"] == [0] and steps["warmup/loss"] == [0]
     for init in ("bissl", "pretext"):
         assert steps[f"test/{init}/top1_percent"] == [0, 1] and steps[f"test/{init}/top5_percent"] == [0, 1]
         assert steps[f"lr_search/{init}/top1_percent"] == [0]
         assert steps[f"finetune/{init}/seed0/loss"] == [0] and steps[f"finetune/{init}/seed1/loss"] == [0]
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
-    residuals = [max(r["cg_relative_residuals"]) for r in records if r["phase"] == "bissl"]
-    logged = [e.value for e in events.Scalars("bissl/cg_relative_residual_max")]
+    residuals = [max(r["solve_residuals"]) for r in records if r["phase"] == "bissl"]
+    logged = [e.value for e in events.Scalars("bissl/solve_relative_residual_max")]
     assert logged == pytest.approx(residuals, rel=1e-6)  # TensorBoard stores float32
     test_values = [r["top1_percent"] for r in records if r["phase"] == "test" and r["init"] == "bissl"]
     assert [e.value for e in events.Scalars("test/bissl/top1_percent")] == pytest.approx(test_values, rel=1e-6)

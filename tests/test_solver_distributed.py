@@ -2,7 +2,8 @@
 
 Each rank holds the same weights and its own batch. Checked on every rank: a product is the mean
 of the per-rank products and costs exactly one all-reduce (bucketed), matmat too; the implicit
-gradient equals bissl_fast.reference.implicit_grad run under the same process group.
+gradient (CG and MINRES) equals bissl_fast.reference.implicit_grad run under the same process group, and
+its solve report is the same on every rank.
 """
 from __future__ import annotations
 
@@ -63,10 +64,18 @@ def _check(rank: int) -> None:
 
     # The upper-level gradient differs per rank; both implementations average it first.
     g = random_like(mine.params, seed=20 + rank)
-    ref = R.implicit_grad(mine.loss_fn, mine.params, g)
-    with HessianOperator(mine.loss_fn, mine.params) as op:
-        x = ImplicitGradient(mine.params).solve(op, g)
-    assert rel_err(x, ref) < 1e-10
+    for method in ("cg", "minres"):
+        ref = R.implicit_grad(mine.loss_fn, mine.params, g, method=method)
+        solver = ImplicitGradient(mine.params, method=method)
+        with HessianOperator(mine.loss_fn, mine.params) as op:
+            x = solver.solve(op, g)
+        assert rel_err(x, ref) < 1e-10, method
+        # Every rank holds the averaged vectors, so every rank reports the same solve quality.
+        quality = torch.tensor([solver.last_report.relative_residual, solver.last_report.no_solve_relative_residual],
+                               dtype=torch.float64)
+        gathered = [torch.empty_like(quality) for _ in range(WORLD)]
+        dist.all_gather(gathered, quality)
+        assert all(torch.equal(q, quality) for q in gathered), method
 
 
 @pytest.mark.distributed

@@ -105,11 +105,13 @@ def _deterministic_views(batch):
     return [batch, batch.flip(-1) * 0.9]
 
 
-def test_upper_step_formula(digits):
+@pytest.mark.parametrize("solve_method", ["cg", "minres"])
+def test_upper_step_formula(digits, solve_method):
     """One upper step with SGD(lr=1), no clipping: theta_D -= IJ(v) + g_D, head -= both head grads (fp64)."""
     x, y = digits.x.double(), digits.y
     trainer = _trainer(
         digits, "simclr", "reuse", sgd=True, dtype=torch.float64, lower_iters=0, upper_iters=1, clip_norm=1e9,
+        solve_method=solve_method,
         lower_loader=TensorLoader(x[:32], None, batch_size=16, shuffle=False),
         lower_transform=_deterministic_views, upper_loader=TensorLoader(x[100:116], y[100:116], batch_size=16, shuffle=False),
     )
@@ -126,7 +128,7 @@ def test_upper_step_formula(digits):
     head = tuple(upper.head.parameters())
     g1 = torch.autograd.grad(F.cross_entropy(upper.head(lower.backbone(xu)), yu), p_params + head)
     g2 = torch.autograd.grad(F.cross_entropy(upper.head(upper.backbone(xu)), yu), tuple(upper.backbone.parameters()) + head)
-    ij = reference.implicit_grad(pretext_loss, p_params, g1[: len(p_params)], 0.001, 10.0, 3, True)
+    ij = reference.implicit_grad(pretext_loss, p_params, g1[: len(p_params)], 0.001, 10.0, 3, True, solve_method)
     expected_backbone = [p.detach() - a - b for p, a, b in zip(upper.backbone.parameters(), ij, g2)]
     expected_head = [p.detach() - a - b for p, a, b in zip(head, g1[len(p_params):], g2[len(p_params):])]
 
@@ -136,7 +138,13 @@ def test_upper_step_formula(digits):
     # The upper stage leaves the lower model untouched, BatchNorm running statistics included.
     for key, value in trainer.lower_model.state_dict().items():
         assert torch.equal(value, lower_state[key]), key
-    assert len(log["cg_relative_residuals"]) == 1 and 0 < log["cg_relative_residuals"][0] < float("inf")
+    # Solve quality: one solve, its residual and that of no solve; layerwise CG measures its residual with one more product.
+    assert log["solve_method"] == {"cg": "cg-layerwise", "minres": "minres"}[solve_method]
+    assert len(log["solve_residuals"]) == len(log["no_solve_residuals"]) == 1
+    assert 0 < log["solve_residuals"][0] < float("inf") and 0 < log["no_solve_residuals"][0] < float("inf")
+    assert log["solves_worse"] == int(log["solve_residuals"][0] > log["no_solve_residuals"][0])
+    assert log["hessian_products"] == 3 + (solve_method == "cg") and log["damping"] == 10.0
+    assert isinstance(log["indefinite"], bool) and log["indefinite"] == (log["system_min_estimate"] < 0)
 
 
 @pytest.mark.parametrize("concat_views", [False, True])
@@ -236,7 +244,8 @@ def test_byol_target_only_updated_after_lower_steps(digits, solver):
     target = [p.detach().clone() for p in trainer.target_backbone.parameters()]
     trainer.train_stage()
     m = trainer.config.byol_momentum
-    expected = [m * t + (1 - m) * o.detach() for t, o in zip(target, trainer.lower_backbone.parameters())]
+    # The target moves at the start of the lower step, toward the online weights before that step.
+    expected = [m * t + (1 - m) * o for t, o in zip(target, online)]
     assert rel_err(_detached(trainer.target_backbone.parameters()), expected) < 1e-6
     assert rel_err(_detached(trainer.lower_backbone.parameters()), online) > 0
 

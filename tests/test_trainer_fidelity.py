@@ -113,11 +113,15 @@ def test_defaults_are_the_papers():
 
 
 def test_byol_target_follows_the_configured_momentum(digits):
+    """The paper's order: each lower step first moves the target toward the online weights as they are."""
     trainer = _trainer(digits, "byol", lower_iters=1, upper_iters=0)
     assert trainer.ema.momentum == 0.9995
     target = [p.detach().clone() for p in trainer.target_backbone.parameters()]
+    trainer.train_stage()  # the target starts as a copy of the online network: the first move keeps it
+    assert rel_err([p.detach() for p in trainer.target_backbone.parameters()], target) < 1e-15
+    online = [p.detach().clone() for p in trainer.lower_backbone.parameters()]
     trainer.train_stage()
-    expected = [0.9995 * t + 0.0005 * o.detach() for t, o in zip(target, trainer.lower_backbone.parameters())]
+    expected = [0.9995 * t + 0.0005 * o for t, o in zip(target, online)]
     assert rel_err([p.detach() for p in trainer.target_backbone.parameters()], expected) < 1e-12
 
 
@@ -207,3 +211,35 @@ def test_per_tensor_lam_errors(digits):
         BiSSLConfig(lam=[0.0], damping=0.0)
     with pytest.raises(TypeError, match="concat_views"):
         BiSSLConfig(concat_views="yes")
+
+
+def test_solve_settings_and_errors():
+    cfg = BiSSLConfig()
+    assert (cfg.solve_method, cfg.layerwise, cfg.cg_layerwise, cfg.auto_damping) == ("cg", None, True, False)
+    assert not BiSSLConfig(layerwise=False).cg_layerwise and not BiSSLConfig(solve_method="minres").cg_layerwise
+    with pytest.raises(ValueError, match="solve_method must be one of"):
+        BiSSLConfig(solve_method="gmres")
+    with pytest.raises(ValueError, match="layerwise applies to CG only"):
+        BiSSLConfig(solve_method="minres", layerwise=True)
+    with pytest.raises(TypeError, match="measure_residual must be a bool or None"):
+        BiSSLConfig(measure_residual=1)
+    with pytest.raises(TypeError, match="auto_damping must be a bool"):
+        BiSSLConfig(auto_damping="yes")
+    with pytest.raises(ValueError, match="auto_damping needs solver='reuse'"):
+        BiSSLConfig(auto_damping=True, solver="recompute")
+
+
+@pytest.mark.parametrize("solve_method", ["cg", "minres"])
+def test_auto_damping_and_minres_in_a_stage(digits, solve_method):
+    """The stage log carries the raised damping and every product (solves, residual checks, Lanczos);
+    reuse and the paper-style recompute agree for MINRES too."""
+    trainer = _trainer(digits, "simclr", batchnorm=True, damping=0.5, auto_damping=True, solve_method=solve_method)
+    log = trainer.fit(1)[0]
+    assert log.damping > 0.5 and log.indefinite is False
+    assert log.hessian_products == 10 + 2 * (3 + (solve_method == "cg"))
+    runs = {}
+    for solver in ("reuse", "recompute"):
+        t = _trainer(digits, "simclr", batchnorm=True, solve_method=solve_method, solver=solver)
+        t.fit(1)
+        runs[solver] = _state(t)
+    assert rel_err(runs["reuse"], runs["recompute"]) < 1e-10

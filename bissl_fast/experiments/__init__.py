@@ -2,8 +2,9 @@
 
 - :mod:`.demo` (``bissl-fast demo``): a replicated experiment, BiSSL against compute-matched continued
   pretext training, with its replicate runner :mod:`.demo_experiment`, its data/model set-up and the
-  fingerprints of each replicate :mod:`.demo_setup`, its report and figure :mod:`.demo_report`, and the
-  paired statistics of :mod:`.stats`;
+  fingerprints of each replicate :mod:`.demo_setup`, the arms' training steps :mod:`.demo_training`, its
+  report and figure :mod:`.demo_report`, and the paired statistics of :mod:`.stats`;
+- :mod:`.solve_accuracy`: every implicit-gradient solver against the exact solution on a small model;
 - :mod:`.pipeline` (``bissl-fast run``): the paper's resumable pipeline, pretext checkpoint -> head
   warm-up -> BiSSL -> fine-tuning.
 
@@ -12,4 +13,6 @@ Imports the library core, ``train`` and ``data``; nothing imports from here but 
 from .._lazy import lazy_submodules
 
 __getattr__, __dir__ = lazy_submodules(
-    __name__, ("demo", "demo_experiment", "demo_report", "demo_setup", "pipeline", "stats"))
+    __name__,
+    ("demo", "demo_experiment", "demo_report", "demo_setup", "demo_training", "pipeline", "solve_accuracy", "stats"),
+)

@@ -76,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="BiSSL's proximal weight lam (default: BiSSLConfig's, the paper's 1e-3); choose it on the validation split",
     )
     p.add_argument("--solver", choices=("reuse", "recompute"), default="reuse")
+    p.add_argument(
+        "--solve-method", choices=("cg", "minres"), default="cg",
+        help="implicit-gradient solver of arm B: the paper's layerwise CG (default) or MINRES",
+    )
+    p.add_argument(
+        "--minres-arm", action="store_true",
+        help="add arm M: B's BiSSL run with MINRES at the same 5 products per solve; the primary comparison becomes "
+        "M-B, and --readme fills the README's MINRES block",
+    )
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--finetune-lr", type=float, default=1e-3, help="AdamW learning rate of fine-tuning")
     p.add_argument("--labels-per-class", type=int, default=None, help="labeled images per class (BiSSL upper level, fine-tuning)")
@@ -164,11 +173,13 @@ def check_args(args: argparse.Namespace) -> None:
         raise ValueError("--device cuda was requested but torch sees no CUDA device")
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.minres_arm and args.solve_method != "cg":
+        raise ValueError("--minres-arm compares MINRES with the paper's CG in arm B; drop --solve-method minres")
     if args.readme is not None:
         if not os.path.isfile(args.readme):
             raise FileNotFoundError(f"--readme {args.readme!r} is not a file")
         with open(args.readme) as f:
-            readme_block(f.read())
+            readme_block(f.read(), minres=args.minres_arm)
 
 
 def check_budget(args: argparse.Namespace, data: ImageDataset) -> None:
@@ -194,7 +205,7 @@ def settings_from_args(args: argparse.Namespace) -> ExperimentSettings:
         lower_iters=args.lower_iters, upper_iters=args.upper_iters, bissl_lr=args.bissl_lr, lam=args.lam,
         solver=args.solver, finetune_epochs=args.finetune_epochs, finetune_lr=args.finetune_lr,
         labels_per_class=args.labels_per_class, val_per_class=args.val_per_class, test_per_class=args.test_per_class,
-        flip=args.data != "digits",
+        flip=args.data != "digits", solve_method=args.solve_method, minres_arm=args.minres_arm,
     )
 
 
@@ -304,7 +315,8 @@ def _run(args: argparse.Namespace, data: ImageDataset) -> dict[str, Any]:
             "cpu_s": sum(r["times"]["total_cpu_s"] for r in records),
             **{
                 f"{phase}_cpu_s": sum(r["times"][f"{phase}_cpu_s"] for r in records)
-                for phase in ("pretrain", "bissl", "control", "finetune")
+                for phase in ("pretrain", "bissl", "minres", "control", "finetune")
+                if f"{phase}_cpu_s" in records[0]["times"]
             },
             "workers": args.workers,
             "threads": args.threads or 1,
@@ -329,7 +341,7 @@ def _run(args: argparse.Namespace, data: ImageDataset) -> dict[str, Any]:
         print("matplotlib is not installed: no figure (pip install matplotlib)", flush=True)
     if args.readme is not None:
         update_readme(args.readme, summary)
-        written.append(f"{args.readme} (demo block)")
+        written.append(f"{args.readme} ({'MINRES ' if args.minres_arm else ''}demo block)")
     print(format_text(summary))
     print("wrote " + ", ".join(written))
     return summary
@@ -342,7 +354,9 @@ def stale_replicates(summary: dict[str, Any], data: ImageDataset | None = None) 
     with the ``fingerprint`` recorded in the summary (:func:`bissl_fast.experiments.demo_setup.replicate_fingerprint`);
     a replicate without one is reported as ``["fingerprint"]``.
     """
-    args = argparse.Namespace(**{**{name: None for name in _NOT_CONFIG}, **summary["config"]})
+    # Settings added since the summary was written take their defaults (the values its run used).
+    defaults = vars(resolve(build_parser().parse_args([])))
+    args = argparse.Namespace(**{**defaults, **{name: None for name in _NOT_CONFIG}, **summary["config"]})
     settings = settings_from_args(args)
     data = _load(args) if data is None else data
     stale = {}

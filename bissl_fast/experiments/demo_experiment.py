@@ -9,7 +9,9 @@ purpose) and the settings. Its arms share one pretraining run:
   type, learning rate, clipping, BYOL target handling, and the identical sequence of unlabeled
   batches and augmented views (the Hessian batch each BiSSL stage draws is drawn and skipped);
 - **B** BiSSL's lower (pretext) backbone, the one the paper fine-tunes;
-- **D** BiSSL's upper (downstream) backbone, a diagnostic.
+- **D** BiSSL's upper (downstream) backbone, a diagnostic;
+- **M** (only with ``minres_arm``) B's run again with the implicit gradient solved by MINRES at the
+  same number of Hessian products, from the same warmed-up models, batches and seeds.
 
 Each arm is fine-tuned identically with a fresh linear head and the replicate's fine-tuning seed
 (same head initialization, batch order and augmentations) and evaluated on a test split that no
@@ -21,26 +23,17 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..data.tensors import BatchAugment, ImageDataset, TensorLoader
 from ..train.config import BiSSLConfig
 from ..train.heads import Classifier
 from ..train.models import PretextModel
 from ..train.trainer import BiSSLTrainer
-from .demo_setup import (
-    ExperimentSettings,
-    ViewStream,
-    derive_seed,
-    prepare_replicate,
-    pretrain_loss,
-    pretrain_target,
-    replicate_fingerprint,
-)
+from .demo_setup import ExperimentSettings, ViewStream, derive_seed, prepare_replicate, replicate_fingerprint
+from .demo_training import accuracy, finetune, linear_probe, pretrain
 
 ARMS: dict[str, str] = {
     "A": "pretext backbone",
@@ -48,89 +41,76 @@ ARMS: dict[str, str] = {
     "B": "BiSSL lower backbone",
     "D": "BiSSL upper backbone (diagnostic)",
 }
+#: The arm ``minres_arm`` adds.
+MINRES_ARM: dict[str, str] = {"M": "BiSSL lower backbone, MINRES solve"}
 
 
-def pretrain(model: PretextModel, stream: ViewStream, epochs: int, lr: float, pretext: str) -> list[float]:
-    """SimCLR / BYOL pretraining (AdamW, cosine schedule); returns the mean loss of each epoch.
+class ViewStreamFactory:
+    """Makes identical :class:`ViewStream` s (same data, batch size, augmentation and seed), one per run that replays them."""
 
-    Each view runs through the backbone in its own forward pass (BatchNorm statistics per view), as
-    in the paper and in :class:`bissl_fast.BiSSLTrainer`.
+    def __init__(self, x: torch.Tensor, batch_size: int, augment: BatchAugment, seed: int) -> None:
+        self.x, self.batch_size, self.augment, self.seed = x, batch_size, augment, seed
+
+    def __call__(self, skip: Callable[[int], bool] | None = None) -> ViewStream:
+        return ViewStream(self.x, self.batch_size, self.augment, self.seed, skip=skip)
+
+
+def run_bissl(
+    s: ExperimentSettings, pretext: PretextModel, upper: Classifier, views: ViewStreamFactory,
+    labeled: tuple[torch.Tensor, torch.Tensor, BatchAugment, int], seed: int, solve_method: str, progress: bool,
+) -> tuple[BiSSLTrainer, ViewStream, list[Any]]:
+    """BiSSL from ``pretext`` (copied) and the warmed-up ``upper`` (trained in place) for ``s.bissl_stages`` stages.
+
+    ``labeled`` is ``(x, y, augmentation, loader seed)`` of the upper level; ``seed`` seeds torch's
+    global generator before the trainer is built, so two calls that differ only in
+    ``solve_method`` see the same batches, views and augmentations. Returns the trainer, its lower
+    view stream and its stage log.
     """
-    target = pretrain_target(model, pretext)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * len(stream.loader), 1))
-    curve = []
-    for _ in range(epochs):
-        losses = []
-        for v1, v2 in stream:
-            loss = pretrain_loss(model, target, v1, v2)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if target is not None:
-                target.update()
-            losses.append(float(loss.detach()))
-        curve.append(sum(losses) / len(losses))
-    return curve
-
-
-def linear_probe(model: Classifier, x: torch.Tensor, y: torch.Tensor, steps: int = 200) -> None:
-    """Fit the head of ``model`` on frozen backbone features of ``x`` ``[n, C, H, W]`` (BiSSL's head warm-up)."""
-    with torch.no_grad():
-        model.eval()
-        feats = model.backbone(x)
-        model.train()
-    opt = torch.optim.Adam(model.head.parameters(), lr=1e-2)
-    for _ in range(steps):
-        loss = F.cross_entropy(model.head(feats), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> float:
-    """Top-1 accuracy of ``model`` (eval mode) on ``x`` ``[n, C, H, W]``, ``y`` ``[n]``; ``nan`` when ``n == 0``."""
-    if x.shape[0] == 0:
-        return float("nan")
-    was_training = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, x.shape[0], batch):
-        correct += int((model(x[i : i + batch]).argmax(1) == y[i : i + batch]).sum())
-    model.train(was_training)
-    return correct / x.shape[0]
-
-
-def finetune(
-    backbone: nn.Module, feature_dim: int, num_classes: int, x: torch.Tensor, y: torch.Tensor,
-    epochs: int, lr: float, seed: int, augment: BatchAugment,
-) -> tuple[Classifier, list[float]]:
-    """Fine-tune a copy of ``backbone`` with a fresh linear head (AdamW, cosine) on ``x`` ``[n, C, H, W]``, ``y`` ``[n]``.
-
-    ``seed`` fixes the head initialization, batch order and augmentations, so arms fine-tuned with
-    one seed differ only in their backbone. Returns the model and the mean train loss per epoch.
-    """
+    x_lab, y_lab, augment, loader_seed = labeled
+    lower = copy.deepcopy(pretext)
+    config = BiSSLConfig(
+        pretext=s.pretext, lower_iters=s.lower_iters, upper_iters=s.upper_iters, solver=s.solver, progress=progress,
+        solve_method=solve_method, **({} if s.lam is None else {"lam": s.lam}),
+    )
+    stream = views()
     torch.manual_seed(seed)
-    model = Classifier(copy.deepcopy(backbone), feature_dim, num_classes).to(x.device)
-    loader = TensorLoader(x, y, batch_size=min(32, x.shape[0]), seed=seed)
-    gen = torch.Generator(device=x.device).manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * len(loader), 1))
-    model.train()
-    curve = []
-    for _ in range(epochs):
-        losses = []
-        for xb, yb in loader:
-            loss = F.cross_entropy(model(augment(xb, gen)), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(float(loss.detach()))
-        curve.append(sum(losses) / len(losses))
-    return model, curve
+    trainer = BiSSLTrainer(
+        lower, upper, stream,
+        TensorLoader(x_lab, y_lab, batch_size=min(64, x_lab.shape[0]), seed=loader_seed),
+        torch.optim.AdamW(lower.parameters(), lr=s.bissl_lr, weight_decay=1e-4),
+        torch.optim.AdamW(upper.parameters(), lr=s.bissl_lr, weight_decay=1e-4),
+        config,
+        upper_transform=augment,
+    )
+    log = trainer.fit(s.bissl_stages)
+    # Each stage draws lower_iters batches for its lower steps, then the upper stage's fixed Hessian batch.
+    draws_per_stage = s.lower_iters + (1 if s.upper_iters > 0 else 0)
+    if stream.drawn != s.bissl_stages * draws_per_stage:
+        raise RuntimeError(
+            f"BiSSL drew {stream.drawn} lower batches in {s.bissl_stages} stages, expected {draws_per_stage} "
+            "per stage; the control arm could not replay the lower level's batches"
+        )
+    return trainer, stream, log
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / len(kept) if kept else None
+
+
+def solve_quality_per_stage(log: Sequence[Any]) -> dict[str, Any]:
+    """Per BiSSL stage: the mean implicit-gradient residual ``||v - A x|| / ||v||`` over its upper steps, that of
+    no solve (``x = v``), how many solves ended worse than no solve, whether the system was found indefinite,
+    and the Hessian products spent."""
+    return {
+        "method": log[0]["solve_method"] if log else None,
+        "residual": [_mean(e["solve_residuals"]) for e in log],
+        "no_solve": [_mean(e["no_solve_residuals"]) for e in log],
+        "worse": [e["solves_worse"] for e in log],
+        "solves": [len(e["solve_residuals"]) for e in log],
+        "indefinite": [e["indefinite"] for e in log],
+        "hessian_products": [e["hessian_products"] for e in log],
+    }
 
 
 class _PhaseClock:
@@ -163,34 +143,27 @@ def run_replicate(
     pretrain_curve = pretrain(pretext, pretrain_stream, s.pretrain_epochs, s.pretrain_lr, s.pretext)
     clock.lap("pretrain")
 
-    # BiSSL (arms B and D): head warm-up, then the bilevel stages.
+    # BiSSL (arms B and D; M with minres_arm): head warm-up, then the bilevel stages.
     torch.manual_seed(derive_seed(replicate_seed, "bissl-head"))
-    upper = Classifier(copy.deepcopy(pretext.backbone), feature_dim, data.num_classes).to(device)
-    linear_probe(upper, x_lab, y_lab)
-    lower = copy.deepcopy(pretext)
-    config = BiSSLConfig(
-        pretext=s.pretext, lower_iters=s.lower_iters, upper_iters=s.upper_iters, solver=s.solver, progress=progress,
-        **({} if s.lam is None else {"lam": s.lam}),
+    warm = Classifier(copy.deepcopy(pretext.backbone), feature_dim, data.num_classes).to(device)
+    linear_probe(warm, x_lab, y_lab)
+    bissl_views = ViewStreamFactory(x_unl, batch_size, view_aug, derive_seed(replicate_seed, "bissl-views"))
+    labeled = (x_lab, y_lab, light_aug, derive_seed(replicate_seed, "bissl-labeled"))
+    trainer, bissl_stream, bissl_log = run_bissl(
+        s, pretext, copy.deepcopy(warm), bissl_views, labeled, derive_seed(replicate_seed, "bissl"), s.solve_method,
+        progress,
     )
-    bissl_stream = ViewStream(x_unl, batch_size, view_aug, derive_seed(replicate_seed, "bissl-views"))
-    torch.manual_seed(derive_seed(replicate_seed, "bissl"))
-    trainer = BiSSLTrainer(
-        lower, upper, bissl_stream,
-        TensorLoader(x_lab, y_lab, batch_size=min(64, x_lab.shape[0]), seed=derive_seed(replicate_seed, "bissl-labeled")),
-        torch.optim.AdamW(lower.parameters(), lr=s.bissl_lr, weight_decay=1e-4),
-        torch.optim.AdamW(upper.parameters(), lr=s.bissl_lr, weight_decay=1e-4),
-        config,
-        upper_transform=light_aug,
-    )
-    bissl_log = trainer.fit(s.bissl_stages)
-    # Each stage draws lower_iters batches for its lower steps, then the upper stage's fixed Hessian batch.
-    draws_per_stage = s.lower_iters + (1 if s.upper_iters > 0 else 0)
-    if bissl_stream.drawn != s.bissl_stages * draws_per_stage:
-        raise RuntimeError(
-            f"BiSSL drew {bissl_stream.drawn} lower batches in {s.bissl_stages} stages, expected {draws_per_stage} "
-            "per stage; the control arm could not replay the lower level's batches"
-        )
+    upper, config = trainer.upper_model, trainer.config
     clock.lap("bissl")
+    if s.minres_arm:
+        minres_trainer, minres_stream, minres_log = run_bissl(
+            s, pretext, copy.deepcopy(warm), bissl_views, labeled, derive_seed(replicate_seed, "bissl"), "minres",
+            progress,
+        )
+        if minres_stream.log != bissl_stream.log:
+            raise RuntimeError("the MINRES arm's lower batches/views differ from the ones arm B trained on")
+        clock.lap("minres")
+    draws_per_stage = s.lower_iters + (1 if s.upper_iters > 0 else 0)
 
     # Control C: the same lower-level steps without the proximal coupling or the upper stage.
     control = copy.deepcopy(pretext)
@@ -199,7 +172,7 @@ def run_replicate(
     def hessian_batch(draw: int) -> bool:
         return s.upper_iters > 0 and draw % draws_per_stage == s.lower_iters
 
-    control_stream = ViewStream(x_unl, batch_size, view_aug, derive_seed(replicate_seed, "bissl-views"), skip=hessian_batch)
+    control_stream = bissl_views(skip=hessian_batch)
     torch.manual_seed(derive_seed(replicate_seed, "bissl"))
     control_trainer = BiSSLTrainer(
         control, control_upper, control_stream,
@@ -216,7 +189,9 @@ def run_replicate(
     clock.lap("control")
 
     # Fine-tuning: every arm alike, fresh head, the replicate's fine-tuning seed.
-    backbones = {"A": pretext.backbone, "C": control.backbone, "B": lower.backbone, "D": upper.backbone}
+    backbones = {"A": pretext.backbone, "C": control.backbone, "B": trainer.lower_model.backbone, "D": upper.backbone}
+    if s.minres_arm:
+        backbones["M"] = minres_trainer.lower_model.backbone
     finetune_seed = derive_seed(replicate_seed, "finetune")
     test_acc, val_acc, finetune_curves = {}, {}, {}
     for arm, arm_backbone in backbones.items():
@@ -228,8 +203,10 @@ def run_replicate(
         val_acc[arm] = accuracy(model, x_val, y_val) if x_val.shape[0] else None
         finetune_curves[arm] = curve
     clock.lap("finetune")
-    times["total_s"] = sum(times[f"{phase}_s"] for phase in ("pretrain", "bissl", "control", "finetune"))
-    times["total_cpu_s"] = sum(times[f"{phase}_cpu_s"] for phase in ("pretrain", "bissl", "control", "finetune"))
+    phases = [key[: -len("_cpu_s")] for key in times if key.endswith("_cpu_s")]
+    times["total_s"] = sum(times[f"{phase}_s"] for phase in phases)
+    times["total_cpu_s"] = sum(times[f"{phase}_cpu_s"] for phase in phases)
+    solve_logs = {"B": bissl_log, **({"M": minres_log} if s.minres_arm else {})}
 
     return {
         "seed": replicate_seed,
@@ -243,7 +220,10 @@ def run_replicate(
         },
         "test_acc": test_acc,
         "val_acc": val_acc,
-        "lower_steps": {"B": trainer.lower_step, "C": control_trainer.lower_step},
+        "lower_steps": {
+            "B": trainer.lower_step, "C": control_trainer.lower_step,
+            **({"M": minres_trainer.lower_step} if s.minres_arm else {}),
+        },
         "control_views_identical": views_identical,
         "curves": {
             "pretrain_loss": pretrain_curve,
@@ -256,6 +236,6 @@ def run_replicate(
             "B": bissl_log[0]["lower_losses"][0] if bissl_log and bissl_log[0]["lower_losses"] else None,
             "C": control_log[0]["lower_losses"][0] if control_log and control_log[0]["lower_losses"] else None,
         },
-        "cg_final_relative_residual_max": max((r for e in bissl_log for r in e["cg_relative_residuals"]), default=None),
+        "solve_quality": {arm: solve_quality_per_stage(log) for arm, log in solve_logs.items()},
         "times": times,
     }

@@ -3,8 +3,9 @@
 :func:`summarize` turns the per-replicate records of :func:`bissl_fast.experiments.demo_experiment.run_replicate`
 into the summary the demo writes as ``summary.json``; everything else here renders a summary:
 :func:`format_text` (the printed table), :func:`render_markdown` (the README block between
-``<!-- demo:start -->`` and ``<!-- demo:end -->``, so the README always shows what the committed
-JSON says), :func:`write_figure` (``summary.png``, needs matplotlib).
+``<!-- demo:start -->`` and ``<!-- demo:end -->``, or for the experiment with the MINRES arm between
+``<!-- demo-minres:start -->`` and ``<!-- demo-minres:end -->``, so the README always shows what the
+committed JSON says), :func:`write_figure` (``summary.png``, needs matplotlib).
 
 ``python -m bissl_fast.experiments.demo_report SUMMARY_JSON --readme README.md [--figure PNG]`` regenerates the
 README block (and the figure) from a summary without re-running anything.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .._provenance import older_code_note, short_form
-from .demo_experiment import ARMS
+from .demo_experiment import ARMS, MINRES_ARM
 from .stats import (
     PairedComparison,
     compare_paired,
@@ -28,20 +29,43 @@ from .stats import (
 
 README_START = "<!-- demo:start -->"
 README_END = "<!-- demo:end -->"
+README_MINRES_START = "<!-- demo-minres:start -->"
+README_MINRES_END = "<!-- demo-minres:end -->"
 # (label, treatment arm, control arm); the first is the primary comparison.
 COMPARISONS: tuple[tuple[str, str, str], ...] = (("B-C", "B", "C"), ("B-A", "B", "A"), ("C-A", "C", "A"))
 SUBJECT = "BiSSL's lower backbone (B)"
 REFERENCE = "compute-matched continued pretext training (C)"
+# With the MINRES arm the question (fixed before the run) is whether the accurate solve changes
+# the fine-tuned accuracy of BiSSL's lower backbone.
+MINRES_COMPARISONS: tuple[tuple[str, str, str], ...] = (("M-B", "M", "B"), ("B-C", "B", "C"), ("M-C", "M", "C"))
+MINRES_SUBJECT = "BiSSL with the MINRES solve (M)"
+MINRES_REFERENCE = "BiSSL with the paper's layerwise CG solve (B)"
 ALPHA = 0.05
-SHORT_NAMES = {"A": "pretext", "C": "continued pretext", "B": "BiSSL lower", "D": "BiSSL upper"}
+SHORT_NAMES = {"A": "pretext", "C": "continued pretext", "B": "BiSSL lower", "D": "BiSSL upper", "M": "BiSSL lower, MINRES"}
+
+
+def has_minres_arm(summary_or_record: dict[str, Any]) -> bool:
+    """Whether a summary (or replicate record) comes from the experiment with the MINRES arm."""
+    key = "accuracy" if "accuracy" in summary_or_record else "test_acc"
+    return "M" in summary_or_record[key]
+
+
+def _markers(minres: bool) -> tuple[str, str]:
+    return (README_MINRES_START, README_MINRES_END) if minres else (README_START, README_END)
 
 
 def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Accuracy per arm (``mean``/``sd``/``min``/``max``/``values``), the paired comparisons and the conclusion."""
+    """Accuracy per arm (``mean``/``sd``/``min``/``max``/``values``), the paired comparisons and the conclusion.
+
+    With the MINRES arm also the per-stage solve quality of arms B and M, averaged over replicates.
+    """
     if not records:
         raise ValueError("summarize needs at least one replicate record")
+    minres = has_minres_arm(records[0])
+    arms = {**ARMS, **(MINRES_ARM if minres else {})}
+    comparisons_spec = MINRES_COMPARISONS if minres else COMPARISONS
     accuracy = {}
-    for arm in ARMS:
+    for arm in arms:
         values = [r["test_acc"][arm] for r in records]
         accuracy[arm] = {
             "mean": statistics.fmean(values),
@@ -51,16 +75,48 @@ def summarize(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "values": values,
         }
     comparisons = {
-        label: compare_paired(accuracy[a]["values"], accuracy[b]["values"]).to_dict() for label, a, b in COMPARISONS
+        label: compare_paired(accuracy[a]["values"], accuracy[b]["values"]).to_dict() for label, a, b in comparisons_spec
     }
-    primary = PairedComparison.from_dict(comparisons[COMPARISONS[0][0]])
-    return {
+    label = comparisons_spec[0][0]
+    primary = PairedComparison.from_dict(comparisons[label])
+    subject, reference = (MINRES_SUBJECT, MINRES_REFERENCE) if minres else (SUBJECT, REFERENCE)
+    summary = {
         "accuracy": accuracy,
         "comparisons": comparisons,
-        "primary": COMPARISONS[0][0],
+        "primary": label,
         "alpha": ALPHA,
-        "conclusion": conclusion_sentence(primary, SUBJECT, REFERENCE, COMPARISONS[0][0], ALPHA),
+        "conclusion": conclusion_sentence(primary, subject, reference, label, ALPHA),
     }
+    if minres:
+        summary["solve_quality"] = _solve_quality(records)
+    return summary
+
+
+def _stage_means(rows: Sequence[Sequence[float | None]]) -> list[float | None]:
+    """Per stage, the mean over replicates of the entries that are not ``None``."""
+    out = []
+    for column in zip(*rows):
+        kept = [v for v in column if v is not None]
+        out.append(statistics.fmean(kept) if kept else None)
+    return out
+
+
+def _solve_quality(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Per arm (B, M) and stage: mean solve and no-solve residuals over replicates, solves worse than no solve
+    (out of all), systems found indefinite (out of all replicates), Hessian products per stage."""
+    out = {}
+    for arm in ("B", "M"):
+        per = [r["solve_quality"][arm] for r in records]
+        out[arm] = {
+            "method": per[0]["method"],
+            "residual": _stage_means([p["residual"] for p in per]),
+            "no_solve": _stage_means([p["no_solve"] for p in per]),
+            "worse": [sum(col) for col in zip(*[p["worse"] for p in per])],
+            "solves": [sum(col) for col in zip(*[p["solves"] for p in per])],
+            "indefinite": [sum(bool(v) for v in col) for col in zip(*[p["indefinite"] for p in per])],
+            "hessian_products": per[0]["hessian_products"],
+        }
+    return out
 
 
 def _pct(value: float | None, digits: int = 1) -> str:
@@ -84,15 +140,22 @@ def _seed_range(seeds: Sequence[int]) -> str:
 def _setup_line(summary: dict[str, Any]) -> str:
     cfg, ds = summary["config"], summary["dataset"]
     sizes = ds["per_replicate"]
+    bissl = summary["replicates"][0]["bissl_config"]
+    minres = (
+        f"; arm M repeats B's BiSSL run with the implicit gradient solved by MINRES, {bissl['cg_iters']} Hessian "
+        f"products per solve like B's layerwise CG (B spends one more per solve measuring its residual, which does "
+        f"not change its gradient)"
+        if has_minres_arm(summary) else ""
+    )
     return (
         f"{ds['name']} {'x'.join(str(d) for d in ds['shape'][1:])} ({ds['classes']} classes), pretext={cfg['pretext']}, "
         f"{len(summary['replicates'])} replicates (seeds {_seed_range(summary['replicate_seeds'])}); per replicate "
         f"{sizes['labeled']} labeled / {sizes['val']} validation / {sizes['test']} test images and "
         f"{sizes['unlabeled']} unlabeled (test and validation excluded); pretraining {cfg['pretrain_epochs']} epochs, "
         f"BiSSL {cfg['bissl_stages']} stages x ({cfg['lower_iters']} lower + {cfg['upper_iters']} upper steps, "
-        f"lam {summary['replicates'][0]['bissl_config']['lam']:g}), "
+        f"lam {bissl['lam']:g}), "
         f"control {summary['replicates'][0]['lower_steps']['C']} continued pretext steps, fine-tuning "
-        f"{cfg['finetune_epochs']} epochs"
+        f"{cfg['finetune_epochs']} epochs{minres}"
     )
 
 
@@ -104,15 +167,16 @@ def _time_line(summary: dict[str, Any]) -> str:
         f"wall {t['wall_s']:.0f} s with {t['workers']} worker process{'es' if t['workers'] != 1 else ''} of "
         f"{t['threads']} thread{'s' if t['threads'] != 1 else ''} on {summary['environment']['cpu_count']} CPUs"
         f"{load_text} (a shared machine: wall time measured under load); CPU time {t['cpu_s']:.0f} s: pretraining "
-        f"{t['pretrain_cpu_s']:.0f} s, BiSSL {t['bissl_cpu_s']:.0f} s, control C {t['control_cpu_s']:.0f} s, "
-        f"fine-tuning {t['finetune_cpu_s']:.0f} s"
+        f"{t['pretrain_cpu_s']:.0f} s, BiSSL {t['bissl_cpu_s']:.0f} s, "
+        + (f"BiSSL with MINRES {t['minres_cpu_s']:.0f} s, " if "minres_cpu_s" in t else "")
+        + f"control C {t['control_cpu_s']:.0f} s, fine-tuning {t['finetune_cpu_s']:.0f} s"
     )
 
 
 def format_text(summary: dict[str, Any]) -> str:
     """The printed report: set-up, accuracy per arm, paired differences, conclusion, times."""
     lines = [f"BiSSL demo: {_setup_line(summary)}", "", f"{'arm':<4}{'fine-tuned backbone':<40}{'test acc (%) mean +- sd':>24}{'min - max':>14}"]
-    for arm, name in ARMS.items():
+    for arm, name in _arms(summary).items():
         a = summary["accuracy"][arm]
         lines.append(f"{arm:<4}{name:<40}{_pct(a['mean']):>15} +- {_pct(a['sd']):<5}{_pct(a['min']):>8} - {_pct(a['max'])}")
     lines += ["", f"{'paired difference':<20}{'mean (pp)':>10}{'95% t-interval':>18}{'p (sign-flip)':>15}{'W/T/L':>9}"]
@@ -131,7 +195,35 @@ def format_text(summary: dict[str, Any]) -> str:
         _time_line(summary),
         f"Produced by: {short_form(summary.get('provenance'))}",
     ]
+    if has_minres_arm(summary):
+        lines += ["", "Implicit-gradient solve quality per BiSSL stage (mean over replicates and upper steps):"]
+        lines += _solve_table(summary)
     return "\n".join(lines)
+
+
+def _arms(summary: dict[str, Any]) -> dict[str, str]:
+    return {**ARMS, **(MINRES_ARM if has_minres_arm(summary) else {})}
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3g}"
+
+
+def _solve_table(summary: dict[str, Any]) -> list[str]:
+    """The per-stage solve-quality table (Markdown) of an experiment with the MINRES arm."""
+    b, m = summary["solve_quality"]["B"], summary["solve_quality"]["M"]
+    reps = len(summary["replicates"])
+    lines = [
+        f"| stage | B ({b['method']}): residual | B: x = v | B: solves worse than x = v | M ({m['method']}): residual "
+        f"| M: x = v | indefinite systems B / M (of {reps}) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for k in range(len(b["residual"])):
+        lines.append(
+            f"| {k + 1} | {_num(b['residual'][k])} | {_num(b['no_solve'][k])} | {b['worse'][k]}/{b['solves'][k]} | "
+            f"{_num(m['residual'][k])} | {_num(m['no_solve'][k])} | {b['indefinite'][k]} / {m['indefinite'][k]} |"
+        )
+    return lines
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
@@ -146,7 +238,7 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "| arm | fine-tuned backbone | test accuracy (%), mean ± sd | min – max |",
         "|---|---|---:|---:|",
     ]
-    for arm, name in ARMS.items():
+    for arm, name in _arms(summary).items():
         a = summary["accuracy"][arm]
         lines.append(f"| {arm} | {name} | {_pct(a['mean'])} ± {_pct(a['sd'])} | {_pct(a['min'])} – {_pct(a['max'])} |")
     lines += [
@@ -166,24 +258,38 @@ def render_markdown(summary: dict[str, Any]) -> str:
         "",
         f"Produced by: {short_form(summary.get('provenance'))}.",
     ]
+    if has_minres_arm(summary):
+        lines += [
+            "",
+            "Implicit-gradient solve quality per BiSSL stage: relative residual `||v - A x|| / ||v||` of the system "
+            "`A x = v`, `A = I + H / (lam + damping)`, mean over the replicates and the upper steps of the stage, "
+            "against that of no solve (`x = v`); how many solves ended worse than no solve; in how many replicates a "
+            "solve of the stage met negative curvature (CG) or a negative Ritz value (MINRES), i.e. found the "
+            "system indefinite.",
+            "",
+            *_solve_table(summary),
+        ]
     return "\n".join(lines)
 
 
-def readme_block(readme_text: str) -> str:
-    """The text between the demo markers of ``readme_text`` (without the marker lines)."""
-    start, end = readme_text.find(README_START), readme_text.find(README_END)
+def readme_block(readme_text: str, minres: bool = False) -> str:
+    """The text between the demo markers (the MINRES experiment's with ``minres``) of ``readme_text``, without them."""
+    start_marker, end_marker = _markers(minres)
+    start, end = readme_text.find(start_marker), readme_text.find(end_marker)
     if start < 0 or end < start:
-        raise ValueError(f"the README has no {README_START} ... {README_END} block")
-    return readme_text[start + len(README_START) : end].strip("\n")
+        raise ValueError(f"the README has no {start_marker} ... {end_marker} block")
+    return readme_text[start + len(start_marker) : end].strip("\n")
 
 
 def update_readme(path: str | Path, summary: dict[str, Any]) -> None:
-    """Replace the demo block of the README at ``path`` with :func:`render_markdown` of ``summary``."""
+    """Replace the README's block of ``summary``'s experiment at ``path`` with :func:`render_markdown` of ``summary``."""
     path = Path(path)
     text = path.read_text()
-    readme_block(text)  # raises when the markers are missing
-    start, end = text.find(README_START), text.find(README_END)
-    path.write_text(text[: start + len(README_START)] + "\n" + render_markdown(summary) + "\n" + text[end:])
+    minres = has_minres_arm(summary)
+    readme_block(text, minres)  # raises when the markers are missing
+    start_marker, end_marker = _markers(minres)
+    start, end = text.find(start_marker), text.find(end_marker)
+    path.write_text(text[: start + len(start_marker)] + "\n" + render_markdown(summary) + "\n" + text[end:])
 
 
 def _mean_curve(curves: Sequence[Sequence[float | None]]) -> list[float]:
@@ -226,7 +332,7 @@ def write_figure(summary: dict[str, Any], path: str | Path) -> None:
     ax.legend(fontsize=8)
 
     ax = axes[0, 1]
-    arms = list(ARMS)
+    arms = list(_arms(summary))
     values = [[100 * v for v in summary["accuracy"][a]["values"]] for a in arms]
     ax.boxplot(values, positions=range(len(arms)), widths=0.5, showfliers=False)
     for k in range(len(reps)):

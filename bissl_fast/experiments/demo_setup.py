@@ -43,6 +43,8 @@ class ExperimentSettings:
     val_per_class: int
     test_per_class: int
     flip: bool
+    solve_method: str = "cg"
+    minres_arm: bool = False
 
 
 def derive_seed(replicate_seed: int, purpose: str) -> int:

@@ -3,19 +3,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 
 from .._types import Tensors
-from .._validation import (
-    check_int_at_least,
-    check_positive,
-    check_same_device,
-    check_tensor_tuple,
-)
 from ..reference import CG_EPS
+from ._krylov import check_solve_args, checked_matvec, finish, start
 from .cg_vector_ops import vector_ops
 
 
@@ -30,6 +24,12 @@ class CGInfo:
         converged: ``tol`` was given and ``||r|| / ||b|| <= tol`` was reached.
         backend: the vector backend that ran (``"torch"``, ``"cpp"`` or ``"cuda"``).
         nonfinite: the solution contained NaN/inf before ``nan_to_num``.
+        curvatures: ``d_k . A d_k / d_k . d_k`` of every direction, over the concatenated vector
+            (a Rayleigh quotient of ``A``: never below its smallest eigenvalue, so a negative
+            entry proves ``A`` indefinite).
+
+    In layerwise mode ``residual_norms`` are those of the recursively updated ``r``, which is not
+    ``b - A x`` there (per-tensor step sizes break the identity); global CG keeps it.
     """
 
     iterations: int
@@ -38,11 +38,17 @@ class CGInfo:
     converged: bool
     backend: str
     nonfinite: bool = False
+    curvatures: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def relative_residuals(self) -> list[float]:
         """``||r_k|| / ||b||`` (``inf`` entries when ``b == 0``)."""
         return [r / self.b_norm if self.b_norm > 0 else math.inf for r in self.residual_norms]
+
+    @property
+    def negative_curvature(self) -> bool:
+        """Some direction had ``d . A d < 0``: ``A`` is indefinite (CG's convergence theory does not apply)."""
+        return any(c < 0 for c in self.curvatures)
 
 
 def _total(s: torch.Tensor) -> torch.Tensor:
@@ -72,7 +78,8 @@ def cg_solve(
             ``None`` starts from zero without a matvec.
         tol: stop once ``||r|| / ||b|| <= tol`` (global norm, in both modes). Checking it
             synchronizes with the device once per iteration; ``None`` never stops early.
-        return_info: also return a :class:`CGInfo`.
+        return_info: also return a :class:`CGInfo` (its curvature record costs ``d . d`` in the
+            same pass as ``d . A d``, and one synchronization per iteration).
         backend: vector-update backend, ``"auto" | "torch" | "cpp" | "cuda"`` (see
             ``bissl_fast.solver.cg_vector_ops``).
 
@@ -85,39 +92,19 @@ def cg_solve(
     Returns:
         ``x`` (tuple shaped like ``b``), or ``(x, info)`` with ``return_info=True``.
     """
-    if not callable(matvec):
-        raise TypeError(f"matvec must be callable, got {type(matvec).__name__}")
-    b = tuple(t.detach().contiguous() for t in check_tensor_tuple("b", b))
-    check_same_device(**{f"b[{i}]": t for i, t in enumerate(b)})
-    iters = check_int_at_least("iters", iters, 1)
+    b, iters, tol = check_solve_args(matvec, b, iters, tol)
     if not isinstance(layerwise, bool):
         raise TypeError(f"layerwise must be a bool, got {type(layerwise).__name__}")
-    if tol is not None:
-        tol = check_positive("tol", tol)
     ops = vector_ops(backend, b)
     track = return_info or tol is not None
-
-    def apply(v: Tensors, what: str) -> Tensors:
-        out = check_tensor_tuple(f"matvec({what})", tuple(matvec(v)), like=b)
-        for i, (o, t) in enumerate(zip(out, b)):
-            if o.dtype != t.dtype or o.device != t.device:
-                raise TypeError(f"matvec({what})[{i}] must be {t.dtype} on {t.device}, got {o.dtype} on {o.device}")
-        return tuple(o.detach().contiguous() for o in out)
-
+    apply = checked_matvec(matvec, b)
     # Solver-owned contiguous buffers: the fused kernels update x, r, d in place.
-    if x0 is None:
-        x = tuple(torch.zeros_like(t, memory_format=torch.contiguous_format) for t in b)
-        r = tuple(t.clone(memory_format=torch.contiguous_format) for t in b)
-    else:
-        x = tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in check_tensor_tuple("x0", x0, like=b))
-        for i, (xi, t) in enumerate(zip(x, b)):
-            if xi.dtype != t.dtype or xi.device != t.device:
-                raise TypeError(f"x0[{i}] must be {t.dtype} on {t.device}, got {xi.dtype} on {xi.device}")
-        r = tuple(torch.sub(t, ax).contiguous() for t, ax in zip(b, apply(x, "x0")))
+    x, r = start(b, x0, apply)
     d = tuple(t.clone() for t in r)
     rr = ops.dot(r, r)
 
     norms: list[float] = []
+    curvatures: list[float] = []
     b_norm = 0.0
     converged = False
     if track:
@@ -127,7 +114,11 @@ def cg_solve(
     done = 0
     while done < iters and not converged:
         ad = apply(d, "d")
-        dad = ops.dot(d, ad)
+        if track:
+            dad, dd = ops.dot_pair(d, ad, d)
+            curvatures.append(float(dad.sum()) / max(float(dd.sum()), 1e-300))
+        else:
+            dad = ops.dot(d, ad)
         alpha = rr / (dad + CG_EPS) if layerwise else _total(rr) / (_total(dad) + CG_EPS)
         rr_new = ops.update(x, r, d, ad, alpha)
         beta = rr_new / (rr + CG_EPS) if layerwise else _total(rr_new) / (_total(rr) + CG_EPS)
@@ -138,16 +129,7 @@ def cg_solve(
             norms.append(math.sqrt(float(rr.sum())))
             converged = tol is not None and norms[-1] <= tol * b_norm
 
-    finite = torch.stack([torch.isfinite(t).all() for t in x]).all()
-    nonfinite = not bool(finite)
-    if nonfinite:
-        warnings.warn(
-            "cg_solve: the solution contained NaN/inf (non-finite matvec products?); "
-            "they were replaced by nan_to_num as in the paper",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    x = tuple(torch.nan_to_num(t) for t in x)
+    x, nonfinite = finish(x, "cg_solve")
     if not return_info:
         return x
-    return x, CGInfo(done, norms, b_norm, converged, ops.name, nonfinite)
+    return x, CGInfo(done, norms, b_norm, converged, ops.name, nonfinite, curvatures)

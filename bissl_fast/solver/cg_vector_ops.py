@@ -1,23 +1,28 @@
-"""The three vector operations of a CG iteration, over a list of tensors, per backend.
+"""The vector operations of a CG or MINRES iteration, over a list of tensors, per backend.
 
-Every backend implements, for lists ``x, r, d, ad`` of same-shaped tensors (one per parameter)
-and per-tensor scalars held in float64 device tensors of shape ``[T]``:
+Every backend implements, for lists of same-shaped tensors (one per parameter), per-tensor CG
+scalars held in float64 device tensors of shape ``[T]`` and global MINRES scalars (Python floats):
 
 - ``dot(a, b) -> [T]``: per-tensor dot products ``a_t . b_t``;
+- ``dot_pair(a, b, c) -> [2, T]``: ``a_t . b_t`` and ``a_t . c_t`` in one pass over ``a``;
 - ``update(x, r, d, ad, alpha) -> [T]``: ``x_t += alpha_t d_t``, ``r_t -= alpha_t ad_t`` in place,
   returning the new ``r_t . r_t`` (computed in the same pass by the fused kernels);
-- ``direction(d, r, beta)``: ``d_t = r_t + beta_t d_t`` in place.
+- ``direction(d, r, beta)``: ``d_t = r_t + beta_t d_t`` in place;
+- ``lanczos(r1, av, r2, c1, c2) -> [T]``: ``r1_t = av_t - c1 r1_t - c2 r2_t`` in place (MINRES's
+  next Lanczos vector), returning the new ``r1_t . r1_t``;
+- ``minres_update(w1, x, v, w2, y, oldeps, delta, gamma_inv, phi, beta_inv)``: in place,
+  ``w1_t = (v_t - oldeps w1_t - delta w2_t) gamma_inv``, ``x_t += phi w1_t``, ``v_t = y_t beta_inv``.
 
-``x``, ``r`` and ``d`` are buffers owned by the solver (created by it, never seen by autograd),
-which is why the kernels may write them in place.
+The tensors written in place are buffers owned by the solver (created by it, never seen by
+autograd), which is why the kernels may write them.
 
 Backends:
 - ``"torch"``: ``torch._foreach_*`` ops; dots are ``(a * b).sum()`` per tensor, the reference's
   expression, so this path reproduces :func:`bissl_fast.reference.cg_solve` to the last bit up to
   the float64 arithmetic of the scalars.
-- ``"cpp"`` / ``"cuda"``: the fused kernels ``torch.ops.bissl_fast.cg_dot / cg_update /
-  cg_direction`` (``csrc/cpu/cg_cpu.cpp``, ``csrc/cuda/cg_cuda_kernels.cu``), one call each over all
-  tensors. They accumulate dot products in float64 in fixed-size chunks (summation order differs
+- ``"cpp"`` / ``"cuda"``: the fused kernels ``torch.ops.bissl_fast.cg_dot / cg_dot_pair /
+  cg_update / cg_direction / minres_lanczos / minres_update`` (``csrc/cpu/cg_cpu.cpp``,
+  ``csrc/cuda/cg_cuda_kernels.cu``), one call each over all tensors. They accumulate dot products in float64 in fixed-size chunks (summation order differs
   from torch's, the results are deterministic and at least as accurate); the element updates are
   the same expressions (on CUDA the compiler may contract ``x + a*d`` into one FMA, a difference of
   at most one rounding per element). Against the float32 reference loop this stays far inside
@@ -44,6 +49,13 @@ class VectorOps(Protocol):
 
     def direction(self, d: Tensors, r: Tensors, beta: torch.Tensor) -> None: ...
 
+    def dot_pair(self, a: Tensors, b: Tensors, c: Tensors) -> torch.Tensor: ...
+
+    def lanczos(self, r1: Tensors, av: Tensors, r2: Tensors, c1: float, c2: float) -> torch.Tensor: ...
+
+    def minres_update(self, w1: Tensors, x: Tensors, v: Tensors, w2: Tensors, y: Tensors, oldeps: float,
+                      delta: float, gamma_inv: float, phi: float, beta_inv: float) -> None: ...
+
 
 def _scalars_like(s: torch.Tensor, ts: Tensors) -> list[torch.Tensor]:
     """Per-tensor 0-d scalars in each tensor's dtype (one cast when the dtypes agree)."""
@@ -69,6 +81,25 @@ class TorchOps:
         torch._foreach_mul_(list(d), _scalars_like(beta, d))
         torch._foreach_add_(list(d), list(r))
 
+    def dot_pair(self, a: Tensors, b: Tensors, c: Tensors) -> torch.Tensor:
+        return torch.stack([self.dot(a, b), self.dot(a, c)])
+
+    def lanczos(self, r1: Tensors, av: Tensors, r2: Tensors, c1: float, c2: float) -> torch.Tensor:
+        # The reference's (av - c1 r1) - c2 r2, each product rounded to the storage type.
+        y = torch._foreach_sub(list(av), torch._foreach_mul(list(r1), c1))
+        torch._foreach_sub_(y, torch._foreach_mul(list(r2), c2))
+        torch._foreach_copy_(list(r1), y)
+        return self.dot(r1, r1)
+
+    def minres_update(self, w1: Tensors, x: Tensors, v: Tensors, w2: Tensors, y: Tensors, oldeps: float,
+                      delta: float, gamma_inv: float, phi: float, beta_inv: float) -> None:
+        w = torch._foreach_sub(list(v), torch._foreach_mul(list(w1), oldeps))
+        torch._foreach_sub_(w, torch._foreach_mul(list(w2), delta))
+        torch._foreach_mul_(w, gamma_inv)
+        torch._foreach_copy_(list(w1), w)
+        torch._foreach_add_(list(x), torch._foreach_mul(list(w1), phi))
+        torch._foreach_copy_(list(v), torch._foreach_mul(list(y), beta_inv))
+
 
 _fakes_registered = False
 
@@ -92,6 +123,21 @@ def _register_fakes() -> None:
     def _direction_fake(d: list[torch.Tensor], r: list[torch.Tensor], beta: torch.Tensor) -> None:
         return None
 
+    @torch.library.register_fake("bissl_fast::cg_dot_pair")
+    def _dot_pair_fake(a: list[torch.Tensor], b: list[torch.Tensor], c: list[torch.Tensor]) -> torch.Tensor:
+        return a[0].new_empty((2, len(a)), dtype=torch.float64)
+
+    @torch.library.register_fake("bissl_fast::minres_lanczos")
+    def _lanczos_fake(r1: list[torch.Tensor], av: list[torch.Tensor], r2: list[torch.Tensor], c1: float,
+                      c2: float) -> torch.Tensor:
+        return r1[0].new_empty((len(r1),), dtype=torch.float64)
+
+    @torch.library.register_fake("bissl_fast::minres_update")
+    def _minres_update_fake(w1: list[torch.Tensor], x: list[torch.Tensor], v: list[torch.Tensor],
+                            w2: list[torch.Tensor], y: list[torch.Tensor], oldeps: float, delta: float,
+                            gamma_inv: float, phi: float, beta_inv: float) -> None:
+        return None
+
     _fakes_registered = True
 
 
@@ -113,9 +159,20 @@ class FusedOps:
     def direction(self, d: Tensors, r: Tensors, beta: torch.Tensor) -> None:
         self._ops.cg_direction(list(d), list(r), beta)
 
+    def dot_pair(self, a: Tensors, b: Tensors, c: Tensors) -> torch.Tensor:
+        return self._ops.cg_dot_pair(list(a), list(b), list(c))
+
+    def lanczos(self, r1: Tensors, av: Tensors, r2: Tensors, c1: float, c2: float) -> torch.Tensor:
+        return self._ops.minres_lanczos(list(r1), list(av), list(r2), c1, c2)
+
+    def minres_update(self, w1: Tensors, x: Tensors, v: Tensors, w2: Tensors, y: Tensors, oldeps: float,
+                      delta: float, gamma_inv: float, phi: float, beta_inv: float) -> None:
+        self._ops.minres_update(list(w1), list(x), list(v), list(w2), list(y), oldeps, delta, gamma_inv, phi,
+                                beta_inv)
+
 
 def vector_ops(backend: str, tensors: Tensors) -> VectorOps:
-    """Resolve ``backend`` for CG vectors shaped like ``tensors`` (one device)."""
+    """Resolve ``backend`` for CG / MINRES vectors shaped like ``tensors`` (one device)."""
     fused_ok = len({t.dtype for t in tensors}) == 1 and tensors[0].dtype in _KERNEL_DTYPES
     if backend == "auto" and not fused_ok:
         return TorchOps()

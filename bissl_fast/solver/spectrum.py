@@ -76,6 +76,17 @@ def _lanczos_tridiagonal(op: HessianOperator, iters: int, gen: torch.Generator) 
     return torch.linalg.eigvalsh(t)
 
 
+def lanczos_ritz_values(op: HessianOperator, iters: int = 20, seed: int = 0) -> torch.Tensor:
+    """Ritz values of ``H`` (float64 ``[<= iters]``, ascending) from ``iters`` Lanczos steps (one ``matvec`` each).
+
+    They lie inside the spectrum of ``H``: the first is an upper bound on ``lambda_min(H)``, the
+    last a lower bound on ``lambda_max(H)``. The start vector is drawn from a CPU generator seeded
+    with ``seed``, so every rank of a distributed run draws the same one.
+    """
+    iters = check_int_at_least("iters", iters, 1)
+    return _lanczos_tridiagonal(op, iters, torch.Generator().manual_seed(seed))
+
+
 def top_eigenvalues(
     op: HessianOperator, k: int = 1, iters: int = 20, method: str = "lanczos", seed: int = 0
 ) -> torch.Tensor:

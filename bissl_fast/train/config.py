@@ -7,6 +7,7 @@ from .._validation import check_int_at_least, check_nonnegative, check_positive
 
 _PRETEXTS = ("simclr", "byol")
 _SOLVERS = ("reuse", "recompute")
+_SOLVE_METHODS = ("cg", "minres")
 
 
 @dataclass
@@ -15,20 +16,32 @@ class BiSSLConfig:
 
     The paper's values (its own scripts) are the defaults of every field that has a counterpart
     there: ``lower_iters=20``, ``upper_iters=8``, ``lam=0.001``, ``damping=10``, ``cg_iters=5``,
-    ``layerwise=True``, ``clip_norm=10``, ``temperature=0.5``, ``byol_momentum=0.9995`` and one
-    backbone forward per view (``concat_views=False``). The other fields are this library's and
-    change speed or reporting, not the result: ``solver="reuse"`` equals the paper's
+    ``solve_method="cg"`` with layerwise scalars, ``clip_norm=10``, ``temperature=0.5``,
+    ``byol_momentum=0.9995`` and one backbone forward per view (``concat_views=False``). The other
+    fields are this library's. ``solve_method="minres"``, ``layerwise=False`` and
+    ``auto_damping`` change the implicit gradient (docs/design.md §2.3 says how accurate each solve
+    is); the rest change speed or reporting, not the result: ``solver="reuse"`` equals the paper's
     ``"recompute"`` to floating-point rounding (built once per upper stage instead of per
-    product), ``backend`` picks the fused-loss kernels (all agree with the reference), and
-    ``progress`` only prints; ``fused_batchnorm`` swaps the lower model's BatchNorm kernels for
-    ones that agree with PyTorch's to rounding.
+    product), ``backend`` picks the fused-loss kernels (all agree with the reference),
+    ``measure_residual`` spends a product on the logged residual, and ``progress`` only prints;
+    ``fused_batchnorm`` swaps the lower model's BatchNorm kernels for ones that agree with
+    PyTorch's to rounding.
 
     pretext: ``"simclr"`` (NT-Xent over ``m`` views) or ``"byol"`` (2 views, EMA target network).
     lower_iters / upper_iters: steps of each level per stage.
     lam: weight of the proximal term ``sum_t (lam_t/2)||theta_P,t - theta_D,t||^2`` and of the IJ
         system; a scalar, or one value per backbone parameter tensor (in ``parameters()`` order).
     damping: added to ``lam`` in ``(I + H/(lam + damping)) x = v``.
-    cg_iters / layerwise: CG iterations and per-tensor (layerwise) or global CG scalars.
+    cg_iters: iterations (Hessian products) of each implicit-gradient solve, CG or MINRES.
+    solve_method: ``"cg"`` (the paper's) or ``"minres"`` (its residual never exceeds that of no
+        solve, also when the system is indefinite).
+    layerwise: CG's per-tensor (layerwise, the paper's; ``None`` means this for CG) or global
+        scalars; MINRES has only global ones (``True`` raises).
+    measure_residual: one more Hessian product per solve measures ``||v - A x|| / ||v||`` for the
+        stage log; ``None`` (default) does so only for layerwise CG, whose own recursion is not
+        that residual (the others report theirs for free).
+    auto_damping: raise ``damping`` per upper stage until the system is positive definite with
+        margin (:class:`bissl_fast.solver.ImplicitGradient`; a few Lanczos products per stage).
     clip_norm: max total gradient norm of each level's step.
     temperature: NT-Xent temperature. byol_momentum: EMA rate of the BYOL target network.
     concat_views: run all views through the lower model (and BYOL's target) as one concatenated
@@ -52,7 +65,10 @@ class BiSSLConfig:
     lam: float | tuple[float, ...] = 0.001
     damping: float = 10.0
     cg_iters: int = 5
-    layerwise: bool = True
+    solve_method: str = "cg"
+    layerwise: bool | None = None
+    measure_residual: bool | None = None
+    auto_damping: bool = False
     clip_norm: float = 10.0
     temperature: float = 0.5
     byol_momentum: float = 0.9995
@@ -67,6 +83,17 @@ class BiSSLConfig:
             raise ValueError(f"pretext must be one of {_PRETEXTS}, got {self.pretext!r}")
         if self.solver not in _SOLVERS:
             raise ValueError(f"solver must be one of {_SOLVERS}, got {self.solver!r}")
+        if self.solve_method not in _SOLVE_METHODS:
+            raise ValueError(f"solve_method must be one of {_SOLVE_METHODS}, got {self.solve_method!r}")
+        for name in ("layerwise", "measure_residual"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool or None, got {type(getattr(self, name)).__name__}")
+        if self.solve_method == "minres" and self.layerwise:
+            raise ValueError("layerwise applies to CG only: MINRES has one set of scalars for the whole vector")
+        if not isinstance(self.auto_damping, bool):
+            raise TypeError(f"auto_damping must be a bool, got {type(self.auto_damping).__name__}")
+        if self.auto_damping and self.solver == "recompute":
+            raise ValueError("auto_damping needs solver='reuse' (it estimates the spectrum on the stage's Hessian operator)")
         check_int_at_least("lower_iters", self.lower_iters, 0)
         check_int_at_least("upper_iters", self.upper_iters, 0)
         check_int_at_least("cg_iters", self.cg_iters, 1)
@@ -88,6 +115,11 @@ class BiSSLConfig:
         m = check_nonnegative("byol_momentum", self.byol_momentum)
         if m > 1:
             raise ValueError(f"byol_momentum must be in [0, 1], got {m}")
+
+    @property
+    def cg_layerwise(self) -> bool:
+        """Whether CG runs layerwise (``layerwise=None`` means the paper's layerwise CG); ``False`` for MINRES."""
+        return self.solve_method == "cg" and self.layerwise is not False
 
 
 __all__ = ["BiSSLConfig"]

@@ -3,7 +3,7 @@ upper stage, and the guard that keeps the lower model's buffers unchanged during
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
@@ -12,6 +12,7 @@ from torch import nn
 from .. import reference
 
 if TYPE_CHECKING:
+    from ..solver import SolveReport
     from .config import BiSSLConfig
 
 Tensors = tuple[torch.Tensor, ...]
@@ -23,10 +24,18 @@ class StageLog:
 
     ``lower_loss`` / ``upper_loss`` are means of the per-step ``lower_losses`` / ``upper_losses``
     (the upper one is ``L_D`` through the upper backbone; ``None`` for a level with 0 steps).
-    ``cg_relative_residuals`` holds the final ``||r|| / ||v||`` of each upper step's CG (empty for
-    ``solver="recompute"``, whose reference does not report it). ``hvp_per_s`` counts Hessian
-    products per second of the upper stage; ``lower_batch_size`` is per rank. Item access
-    (``log["lower_loss"]``) and :meth:`as_dict` serve code that treats entries as dicts.
+    ``hvp_per_s`` counts Hessian products per second of the upper stage (``hessian_products`` of
+    them); ``lower_batch_size`` is per rank. Item access (``log["lower_loss"]``) and
+    :meth:`as_dict` serve code that treats entries as dicts.
+
+    Solve quality (docs/design.md §2.3; :class:`bissl_fast.solver.SolveReport` per upper step; empty
+    lists and ``None`` for ``solver="recompute"``, whose reference loop reports nothing):
+    ``solve_residuals`` holds ``||v - A x|| / ||v||`` of each upper step's implicit gradient
+    (``A = I + H / (lam + damping)``) and ``no_solve_residuals`` that of ``x = v``;
+    ``solves_worse`` counts the solves that ended further from solving the system than no solve;
+    ``system_min_estimate`` is the smallest upper bound on ``lambda_min(A)`` the solves met (CG's
+    curvature or MINRES's Ritz value): negative means ``A`` was indefinite (``indefinite``);
+    ``damping`` is the damping used (``auto_damping`` raises it).
     """
 
     stage: int
@@ -34,13 +43,20 @@ class StageLog:
     lower_losses: list[float]
     upper_loss: float | None
     upper_losses: list[float]
-    cg_relative_residuals: list[float]
     lower_time_s: float
     upper_time_s: float
     lower_steps_per_s: float
     upper_steps_per_s: float
     hvp_per_s: float
     lower_batch_size: int
+    solve_method: str = ""
+    solve_residuals: list[float] = field(default_factory=list)
+    no_solve_residuals: list[float | None] = field(default_factory=list)
+    solves_worse: int = 0
+    system_min_estimate: float | None = None
+    indefinite: bool | None = None
+    damping: float | None = None
+    hessian_products: int = 0
 
     def __getitem__(self, key: str) -> Any:
         if key not in self.keys():
@@ -56,21 +72,55 @@ class StageLog:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, entry: dict[str, Any]) -> StageLog:
+        """An entry of :meth:`as_dict`; logs saved before solve quality was recorded held the CG
+        recursion's residuals instead, which are dropped (they were not ``||v - A x||``)."""
+        entry = {k: v for k, v in entry.items() if k != "cg_relative_residuals"}
+        return cls(**entry)
+
+
+def solve_method_name(config: BiSSLConfig) -> str:
+    """``"cg-layerwise"``, ``"cg-global"`` or ``"minres"``."""
+    if config.solve_method == "minres":
+        return "minres"
+    return "cg-layerwise" if config.cg_layerwise else "cg-global"
+
+
+def solve_quality(reports: list[SolveReport], config: BiSSLConfig) -> dict[str, Any]:
+    """The solve-quality fields of a :class:`StageLog` from the upper stage's solve reports."""
+    products = sum(r.products for r in reports) if reports else config.upper_iters * config.cg_iters
+    if not reports:
+        return {"solve_method": solve_method_name(config), "hessian_products": products}
+    estimates = [r.system_min_estimate for r in reports if r.system_min_estimate is not None]
+    return {
+        "solve_method": solve_method_name(config),
+        "solve_residuals": [r.relative_residual for r in reports],
+        "no_solve_residuals": [r.no_solve_relative_residual for r in reports],
+        "solves_worse": sum(bool(r.worse_than_no_solve) for r in reports),
+        "system_min_estimate": min(estimates) if estimates else None,
+        "indefinite": any(r.indefinite for r in reports),
+        "damping": reports[-1].damping,
+        "hessian_products": products,
+    }
+
 
 @contextmanager
 def implicit_solver(
-    loss_fn: Callable[[], torch.Tensor], params: Tensors, config: BiSSLConfig, residuals: list[float]
+    loss_fn: Callable[[], torch.Tensor], params: Tensors, config: BiSSLConfig, reports: list[SolveReport]
 ) -> Iterator[Callable[[Tensors], Tensors]]:
     """``solve(v)`` of the IJ system ``(I + H/(lam + damping)) x = v`` for one upper stage.
 
     ``"reuse"`` builds one :class:`~bissl_fast.solver.HessianOperator` for the whole stage, appends
-    each solve's final relative CG residual to ``residuals`` and releases the operator's graph on
-    exit; ``"recompute"`` is the paper-style reference (no residuals: it does not report them).
+    each solve's :class:`~bissl_fast.solver.SolveReport` to ``reports`` and releases the operator's
+    graph on exit; ``"recompute"`` is the paper-style reference (no reports: it does not measure).
     """
     cfg = config
     if cfg.solver == "recompute" and not isinstance(cfg.lam, tuple):
         def solve_recompute(v: Tensors) -> Tensors:
-            return reference.implicit_grad(loss_fn, params, v, cfg.lam, cfg.damping, cfg.cg_iters, cfg.layerwise)
+            return reference.implicit_grad(
+                loss_fn, params, v, cfg.lam, cfg.damping, cfg.cg_iters, cfg.cg_layerwise, cfg.solve_method
+            )
 
         yield solve_recompute
         return
@@ -85,7 +135,9 @@ def implicit_solver(
                 hd = reference.average_over_ranks(reference.hvp(loss_fn, params, d))
                 return tuple(di + scale * hdi for di, hdi, scale in zip(d, hd, scales))
 
-            return reference.cg_solve(matvec, v, iters=cfg.cg_iters, layerwise=cfg.layerwise)
+            if cfg.solve_method == "minres":
+                return reference.minres_solve(matvec, v, iters=cfg.cg_iters)
+            return reference.cg_solve(matvec, v, iters=cfg.cg_iters, layerwise=cfg.cg_layerwise)
 
         yield solve_recompute_per_tensor
         return
@@ -95,11 +147,14 @@ def implicit_solver(
     # Reverse-over-reverse on the retained graph: the fused losses are autograd.Functions
     # without torch.func support, which the operator's forward-over-reverse mode needs.
     op = HessianOperator(loss_fn, params, mode="rev-rev")
-    ig = ImplicitGradient(params, lam=cfg.lam, damping=cfg.damping, iters=cfg.cg_iters, layerwise=cfg.layerwise)
+    ig = ImplicitGradient(
+        params, lam=cfg.lam, damping=cfg.damping, iters=cfg.cg_iters, layerwise=cfg.layerwise,
+        method=cfg.solve_method, measure_residual=cfg.measure_residual, auto_damping=cfg.auto_damping,
+    )
 
     def solve_reuse(v: Tensors) -> Tensors:
-        x, info = ig.solve(op, v, return_info=True)
-        residuals.append(info.relative_residuals[-1])
+        x = ig.solve(op, v)
+        reports.append(ig.last_report)
         return x
 
     try:
@@ -128,4 +183,4 @@ class FrozenBuffers:
                 b.copy_(saved)
 
 
-__all__ = ["FrozenBuffers", "StageLog", "implicit_solver"]
+__all__ = ["FrozenBuffers", "StageLog", "implicit_solver", "solve_method_name", "solve_quality"]

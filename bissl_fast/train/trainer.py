@@ -37,7 +37,7 @@ import copy
 import statistics
 import time
 from dataclasses import asdict
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,10 @@ from .config import BiSSLConfig
 from .ema import EMATarget
 from .losses import byol_pair_loss, simclr_loss
 from .resume import BatchStream, rng_state, set_rng_state
-from .stage import FrozenBuffers, StageLog, implicit_solver
+from .stage import FrozenBuffers, StageLog, implicit_solver, solve_quality
+
+if TYPE_CHECKING:
+    from ..solver import SolveReport
 
 
 def _use_fused_batchnorm(setting: bool | str, model: nn.Module) -> bool:
@@ -91,7 +94,8 @@ class BiSSLTrainer:
         upper_transform: maps downstream inputs ``x`` to augmented inputs.
         downstream_loss: ``loss(predictions, y) -> scalar``, differentiable; cross-entropy by default.
         target_model: BYOL target network (``.backbone``, ``.head``); a deep copy of the lower
-            model when omitted. It is updated by EMA after each lower step only.
+            model when omitted. It moves by EMA toward the online network at the start of each
+            lower step (the paper's order), and only then.
 
     ``train_stage()`` runs one lower + upper stage and appends a :class:`StageLog` to ``self.log``;
     ``fit(stages)`` runs several. ``state_dict()`` / ``load_state_dict()`` cover models,
@@ -242,6 +246,11 @@ class BiSSLTrainer:
     def _lower_step(self) -> float:
         cfg = self.config
         views = self._views(self.lower_stream.next())
+        if self.ema is not None:
+            # The paper moves the target at the start of each lower step, toward the online weights
+            # as they are: an upper stage then sees the target before the last lower step's move
+            # (docs/design.md §2.4). Moving it after the step changes the stage (tested).
+            self.ema.update(cfg.byol_momentum)
         loss_p = self.pretext_loss(views, self._targets(views))
         loss = loss_p + self._proximal_term()
         self.lower_optimizer.zero_grad(set_to_none=True)
@@ -253,8 +262,6 @@ class BiSSLTrainer:
         self.lower_optimizer.step()
         if self.lower_scheduler is not None:
             self.lower_scheduler.step()
-        if self.ema is not None:
-            self.ema.update(cfg.byol_momentum)
         self.lower_step += 1
         return float(loss_p.detach())
 
@@ -317,7 +324,7 @@ class BiSSLTrainer:
         t1 = time.perf_counter()
 
         upper_losses: list[float] = []
-        residuals: list[float] = []
+        reports: list[SolveReport] = []
         if cfg.upper_iters > 0:
             with FrozenBuffers(self.lower_model, self.target_model):
                 views = self._views(self.lower_stream.next())
@@ -327,26 +334,27 @@ class BiSSLTrainer:
                 def loss_fn() -> torch.Tensor:
                     return self.pretext_loss(views, targets)
 
-                with implicit_solver(loss_fn, self.lower_params, cfg, residuals) as solve:
+                with implicit_solver(loss_fn, self.lower_params, cfg, reports) as solve:
                     for _ in range(cfg.upper_iters):
                         upper_losses.append(self._upper_step(solve))
                         if bar is not None:
                             bar.update(1)
                             bar.set_postfix(stage=self.stage, upper_loss=f"{upper_losses[-1]:.4f}")
         t2 = time.perf_counter()
+        quality = solve_quality(reports, cfg)
         entry = StageLog(
             stage=self.stage,
             lower_loss=statistics.fmean(lower_losses) if lower_losses else None,
             lower_losses=lower_losses,
             upper_loss=statistics.fmean(upper_losses) if upper_losses else None,
             upper_losses=upper_losses,
-            cg_relative_residuals=residuals,
             lower_time_s=t1 - t0,
             upper_time_s=t2 - t1,
             lower_steps_per_s=cfg.lower_iters / max(t1 - t0, 1e-12),
             upper_steps_per_s=cfg.upper_iters / max(t2 - t1, 1e-12),
-            hvp_per_s=cfg.upper_iters * cfg.cg_iters / max(t2 - t1, 1e-12),
+            hvp_per_s=quality["hessian_products"] / max(t2 - t1, 1e-12),
             lower_batch_size=samples,
+            **quality,
         )
         self.stage += 1
         self.log.append(entry)
@@ -409,7 +417,7 @@ class BiSSLTrainer:
         self.upper_stream.load_state_dict(state["upper_stream"])
         # Last: replaying a loader pass above draws from the global generator.
         set_rng_state(state["rng"])
-        self.log = [StageLog(**copy.deepcopy(entry)) for entry in state["log"]]
+        self.log = [StageLog.from_dict(copy.deepcopy(entry)) for entry in state["log"]]
 
 
 __all__ = ["BiSSLTrainer"]

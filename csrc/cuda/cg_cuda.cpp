@@ -1,4 +1,4 @@
-// Torch glue of the CUDA CG vector kernels (csrc/cuda/cg_cuda_kernels.cu); compiled only in CUDA builds.
+// Torch glue of the CUDA CG and MINRES vector kernels (csrc/cuda/cg_cuda_kernels.cu); compiled only in CUDA builds.
 // Validates the lists (same checks as the CPU ops), builds the device table of chunk starts,
 // sizes and data pointers (one pinned host buffer, one async copy on the current stream), and
 // calls the launchers. Schemas and semantics: csrc/cpu/cg_cpu.cpp.
@@ -51,11 +51,13 @@ struct Scratch {
   at::Tensor partials, ticket, out;
 };
 
-Scratch scratch(const at::Tensor& like, int64_t chunks, int64_t T) {
+// Scratch of an op with K dots per pass: partials [K * chunks], the ticket, and the output ([T], or [K, T]).
+Scratch scratch(const at::Tensor& like, int64_t chunks, int64_t T, int64_t K = 1) {
   const auto opts = at::TensorOptions().device(like.device());
   // partials and ticket are scratch; out is the op's output (NaN-poisoned under the test suite).
-  return {at::empty({chunks}, opts.dtype(at::kDouble)), at::empty({1}, opts.dtype(at::kInt)),
-          empty_output({T}, opts.dtype(at::kDouble))};
+  const auto out_shape = K == 1 ? std::vector<int64_t>{T} : std::vector<int64_t>{K, T};
+  return {at::empty({K * chunks}, opts.dtype(at::kDouble)), at::empty({1}, opts.dtype(at::kInt)),
+          empty_output(out_shape, opts.dtype(at::kDouble))};
 }
 
 at::Tensor cg_dot_cuda(at::TensorList a, at::TensorList b) {
@@ -107,6 +109,52 @@ void cg_direction_cuda(at::TensorList d, at::TensorList r, const at::Tensor& bet
                "cg_direction");
 }
 
+at::Tensor cg_dot_pair_cuda(at::TensorList a, at::TensorList b, at::TensorList c) {
+  check_lists("cg_dot_pair", {{"a", a}, {"b", b}, {"c", c}});
+  const c10::cuda::CUDAGuard guard(a[0].device());
+  const auto starts = chunk_starts(a);
+  const int64_t T = static_cast<int64_t>(a.size()), chunks = starts.back();
+  if (chunks == 0) return at::zeros({2, T}, a[0].options().dtype(at::kDouble));
+  const auto table = device_table({a, b, c}, starts);
+  auto s = scratch(a[0], chunks, T, 2);
+  check_launch(launch_cg_dot_pair(cuda_dtype(a[0].scalar_type(), "cg_dot_pair"), table.const_data_ptr<int64_t>(), T,
+                                  chunks, s.partials.data_ptr<double>(),
+                                  reinterpret_cast<unsigned int*>(s.ticket.data_ptr<int>()), s.out.data_ptr<double>(),
+                                  c10::cuda::getCurrentCUDAStream().stream()),
+               "cg_dot_pair");
+  return s.out;
+}
+
+at::Tensor minres_lanczos_cuda(at::TensorList r1, at::TensorList av, at::TensorList r2, double c1, double c2) {
+  check_lists("minres_lanczos", {{"r1", r1}, {"av", av}, {"r2", r2}});
+  const c10::cuda::CUDAGuard guard(r1[0].device());
+  const auto starts = chunk_starts(r1);
+  const int64_t T = static_cast<int64_t>(r1.size()), chunks = starts.back();
+  if (chunks == 0) return at::zeros({T}, r1[0].options().dtype(at::kDouble));
+  const auto table = device_table({r1, av, r2}, starts);
+  auto s = scratch(r1[0], chunks, T);
+  check_launch(launch_minres_lanczos(cuda_dtype(r1[0].scalar_type(), "minres_lanczos"), table.const_data_ptr<int64_t>(),
+                                     T, chunks, c1, c2, s.partials.data_ptr<double>(),
+                                     reinterpret_cast<unsigned int*>(s.ticket.data_ptr<int>()),
+                                     s.out.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream()),
+               "minres_lanczos");
+  return s.out;
+}
+
+void minres_update_cuda(at::TensorList w1, at::TensorList x, at::TensorList v, at::TensorList w2, at::TensorList y,
+                        double oldeps, double delta, double gamma_inv, double phi, double beta_inv) {
+  check_lists("minres_update", {{"w1", w1}, {"x", x}, {"v", v}, {"w2", w2}, {"y", y}});
+  const c10::cuda::CUDAGuard guard(w1[0].device());
+  const auto starts = chunk_starts(w1);
+  const int64_t T = static_cast<int64_t>(w1.size()), chunks = starts.back();
+  if (chunks == 0) return;
+  const auto table = device_table({w1, x, v, w2, y}, starts);
+  check_launch(launch_minres_update(cuda_dtype(w1[0].scalar_type(), "minres_update"), table.const_data_ptr<int64_t>(),
+                                    T, chunks, MinresScalars{oldeps, delta, gamma_inv, phi, beta_inv},
+                                    c10::cuda::getCurrentCUDAStream().stream()),
+               "minres_update");
+}
+
 }  // namespace
 }  // namespace cg
 }  // namespace bissl_fast
@@ -115,4 +163,7 @@ TORCH_LIBRARY_IMPL(bissl_fast, CUDA, m) {
   m.impl("cg_dot", &bissl_fast::cg::cg_dot_cuda);
   m.impl("cg_update", &bissl_fast::cg::cg_update_cuda);
   m.impl("cg_direction", &bissl_fast::cg::cg_direction_cuda);
+  m.impl("cg_dot_pair", &bissl_fast::cg::cg_dot_pair_cuda);
+  m.impl("minres_lanczos", &bissl_fast::cg::minres_lanczos_cuda);
+  m.impl("minres_update", &bissl_fast::cg::minres_update_cuda);
 }

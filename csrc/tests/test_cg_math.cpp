@@ -1,8 +1,9 @@
 // Self-checking test of csrc/include/bissl_fast/cg_math.h: the chunk decomposition (every element
-// of every tensor, empty tensors included, covered exactly once), the lane-wise host sums, and a
-// full CG solve run with the header's element ops over several "tensors" in global mode, which on
-// an n-dimensional SPD system must reach the exact solution in n iterations. Plain main(); returns
-// non-zero on failure.
+// of every tensor, empty tensors included, covered exactly once), the lane-wise host sums, a full CG
+// solve run with the header's element ops over several "tensors" in global mode, which on an
+// n-dimensional SPD system must reach the exact solution in n iterations, and a full MINRES solve
+// with the header's element ops on a symmetric INDEFINITE system, which must do the same and whose
+// residual must never grow. Plain main(); returns non-zero on failure.
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -84,11 +85,104 @@ static void test_cg_solves_spd() {
   }
 }
 
+// x solving a x = b by Gaussian elimination with partial pivoting (n x n, row-major).
+static std::vector<double> dense_solve(std::vector<double> a, std::vector<double> b, int n) {
+  for (int k = 0; k < n; ++k) {
+    int p = k;
+    for (int i = k + 1; i < n; ++i) {
+      if (std::fabs(a[i * n + k]) > std::fabs(a[p * n + k])) p = i;
+    }
+    for (int j = 0; j < n; ++j) std::swap(a[k * n + j], a[p * n + j]);
+    std::swap(b[k], b[p]);
+    for (int i = k + 1; i < n; ++i) {
+      const double f = a[i * n + k] / a[k * n + k];
+      for (int j = k; j < n; ++j) a[i * n + j] -= f * a[k * n + j];
+      b[i] -= f * b[k];
+    }
+  }
+  std::vector<double> x(n);
+  for (int i = n - 1; i >= 0; --i) {
+    double s = b[i];
+    for (int j = i + 1; j < n; ++j) s -= a[i * n + j] * x[j];
+    x[i] = s / a[i * n + i];
+  }
+  return x;
+}
+
+// MINRES (SciPy's recurrences) with the header's lanczos_next / minres_direction on A = Q diag(e) Q^T,
+// e with both signs (indefinite), built from Householder reflections.
+static void test_minres_solves_indefinite() {
+  const int n = 8;
+  const double eig[n] = {-2.0, -0.7, -0.3, 0.4, 0.9, 1.5, 2.2, 3.1};
+  std::mt19937 gen(3);
+  std::normal_distribution<double> normal;
+  std::vector<double> u(n), a(n * n, 0.0), b(n);
+  for (double& v : u) v = normal(gen);
+  const double uu = dot(u, u);
+  for (int i = 0; i < n; ++i) {  // Q = I - 2 u u^T / u.u, A = Q diag(eig) Q
+    for (int j = 0; j < n; ++j) {
+      for (int k = 0; k < n; ++k) {
+        const double qik = (i == k) - 2 * u[i] * u[k] / uu, qjk = (j == k) - 2 * u[j] * u[k] / uu;
+        a[i * n + j] += qik * eig[k] * qjk;
+      }
+    }
+  }
+  for (double& v : b) v = normal(gen);
+  const auto matvec = [&](const std::vector<double>& v) {
+    std::vector<double> out(n, 0.0);
+    for (int i = 0; i < n; ++i) {
+      for (int j = 0; j < n; ++j) out[i] += a[i * n + j] * v[j];
+    }
+    return out;
+  };
+  const double beta1 = std::sqrt(dot(b, b));
+  std::vector<double> x(n, 0.0), r1 = b, r2 = b, v(n), w1(n, 0.0), w2(n, 0.0);
+  for (int i = 0; i < n; ++i) v[i] = b[i] / beta1;
+  double oldb = 0, beta = beta1, dbar = 0, epsln = 0, phibar = beta1, cs = -1, sn = 0;
+  for (int it = 0; it < n; ++it) {
+    const std::vector<double> av = matvec(v);
+    const double c1 = it > 0 ? beta / oldb : 0.0;
+    const double alfa = dot(v, av) - c1 * dot(v, r1);
+    for (int i = 0; i < n; ++i) r1[i] = cg::lanczos_next<double>(av[i], r1[i], r2[i], c1, alfa / beta);
+    std::swap(r1, r2);
+    oldb = beta;
+    beta = std::sqrt(dot(r2, r2));
+    const double oldeps = epsln, delta = cs * dbar + sn * alfa, gbar = sn * dbar - cs * alfa;
+    epsln = sn * beta;
+    dbar = -cs * beta;
+    const double gamma = std::fmax(std::hypot(gbar, beta), 1e-300);
+    cs = gbar / gamma;
+    sn = beta / gamma;
+    const double phi = cs * phibar, old_phibar = phibar;
+    phibar = sn * phibar;
+    expect(phibar <= old_phibar * (1 + 1e-12), "MINRES residual never grows");
+    for (int i = 0; i < n; ++i) {
+      w1[i] = cg::minres_direction<double>(v[i], w1[i], w2[i], oldeps, delta, 1.0 / gamma);
+      x[i] += phi * w1[i];
+      v[i] = beta > 0 ? r2[i] / beta : 0.0;
+    }
+    std::swap(w1, w2);
+  }
+  const std::vector<double> exact = dense_solve(a, b, n);
+  double err = 0.0, norm = 0.0;
+  for (int i = 0; i < n; ++i) {
+    err += (x[i] - exact[i]) * (x[i] - exact[i]);
+    norm += exact[i] * exact[i];
+  }
+  if (!(std::sqrt(err / norm) < 1e-8)) {
+    std::printf("FAIL MINRES error after n iterations: %.3g\n", std::sqrt(err / norm));
+    ++failures;
+  }
+  expect(phibar <= 1e-8 * beta1, "MINRES residual estimate after n iterations");
+}
+
 static void test_element_ops_float() {
   float x = 1.0f, r = 2.0f;
   const float ri = cg::update_xr<float>(x, r, 0.5f, 0.25f, 2.0f);
   expect(x == 2.0f && r == 1.5f && ri == 1.5f, "update_xr float");
   expect(cg::direction<float>(1.0f, 4.0f, 0.5f) == 3.0f, "direction float");
+  expect(cg::lanczos_next<float>(5.0f, 2.0f, 4.0f, 0.5f, 0.25f) == 3.0f, "lanczos_next float");
+  expect(cg::minres_direction<float>(3.0f, 2.0f, 4.0f, 0.5f, 0.25f, 0.5f) == 0.5f, "minres_direction float");
 }
 
 // lane_sum: same value as a plain double sum up to rounding, every element counted once
@@ -120,6 +214,7 @@ int main() {
   test_lane_sum();
   test_chunks();
   test_cg_solves_spd();
+  test_minres_solves_indefinite();
   test_element_ops_float();
   if (failures == 0) std::printf("test_cg_math: all passed\n");
   return failures == 0 ? 0 : 1;

@@ -56,6 +56,9 @@ class PipelineConfig:
     lam: float = 0.001
     damping: float = 10.0
     cg_iters: int = 5
+    solve_method: str = "cg"
+    layerwise: bool | None = None
+    auto_damping: bool = False
     temperature: float = 0.5
     byol_momentum: float = 0.9995
     concat_views: bool = False
@@ -154,7 +157,8 @@ class PipelineConfig:
     def bissl_config(self) -> BiSSLConfig:
         return BiSSLConfig(
             pretext=self.pretext, lower_iters=self.lower_iters, upper_iters=self.upper_iters, lam=self.lam,
-            damping=self.damping, cg_iters=self.cg_iters, temperature=self.temperature,
+            damping=self.damping, cg_iters=self.cg_iters, solve_method=self.solve_method, layerwise=self.layerwise,
+            auto_damping=self.auto_damping, temperature=self.temperature,
             byol_momentum=self.byol_momentum, concat_views=self.concat_views, solver=self.solver,
             progress=False,
         )
@@ -192,7 +196,12 @@ FIELD_HELP = {
     "upper_iters": "upper (downstream) steps per stage",
     "lam": "proximal weight between the lower and upper backbones",
     "damping": "added to lam in the implicit-gradient system",
-    "cg_iters": "CG iterations per implicit gradient",
+    "cg_iters": "iterations (Hessian products) per implicit gradient, CG or MINRES",
+    "solve_method": "implicit-gradient solver: cg (the paper's) or minres (never ends further from the solution "
+                    "than no solve, also on an indefinite system)",
+    "layerwise": "CG with per-tensor step sizes (the paper's; the default for cg) or global CG (--no-layerwise)",
+    "auto_damping": "raise damping per BiSSL stage until the implicit-gradient system is positive definite with "
+                    "margin (damping is the floor; 10 Lanczos products per stage)",
     "temperature": "NT-Xent temperature",
     "byol_momentum": "BYOL target EMA rate",
     "concat_views": "one forward on the concatenated views (the paper runs one per view)",

@@ -19,6 +19,7 @@ from ...train.backbones import build_backbone
 from ...train.checkpoints import HEAD_PREFIXES, load_file, load_weights, remove_stale_temporaries, save_atomic
 from ...train.heads import Classifier, ProjectionModel
 from ...train.resume import rng_state, set_rng_state
+from ...train.stage import StageLog
 from .config import PipelineConfig, fingerprint
 from .inputs import Augment, data_change, load_splits, make_loader
 from .runtime import (
@@ -236,6 +237,9 @@ def _run(
         lrs = {"lower_lr": trainer.lower_optimizer.param_groups[0]["lr"], "upper_lr": trainer.upper_optimizer.param_groups[0]["lr"]}
         with autocast(cfg):
             entry = trainer.train_stage()
+        warning = solve_warning(entry, cfg.stages)
+        if warning is not None:
+            log.say(warning)
         record = {"phase": "bissl", **entry.as_dict(), **lrs}
         log.write(record)
         state["trainer"] = trainer.state_dict()
@@ -287,7 +291,8 @@ def _run(
         "world_size": world,
         "checkpoint_loads": load_reports,
         "results": {name: _result(res) for name, res in results.items()},
-        "bissl": [{k: e[k] for k in ("stage", "lower_loss", "upper_loss", "cg_relative_residuals")} for e in trainer.log],
+        "bissl": [{k: e[k] for k in ("stage", "lower_loss", "upper_loss", "solve_residuals", "no_solve_residuals")}
+                  for e in trainer.log],
         # Per process that trained the run, up to its last checkpoint (work lost at a kill is redone and
         # counted by the next process); rerunning a finished run trains nothing and changes neither.
         "wall_time_s_total": sum(state["wall_time_s_by_process"]),
@@ -313,6 +318,21 @@ def _result(res: dict[str, Any]) -> dict[str, Any]:
     return {**result, "runs": res["runs"], "search": res["search"]}
 
 
+def solve_warning(entry: StageLog, stages: int) -> str | None:
+    """One line when some implicit-gradient solve of the stage ended further from solving its system than no solve."""
+    if not entry.solves_worse:
+        return None
+    worse = [(r, n) for r, n in zip(entry.solve_residuals, entry.no_solve_residuals) if n is not None and r > n]
+    worst = max(worse, key=lambda pair: pair[0] / pair[1])
+    indefinite = " (the system is indefinite)" if entry.indefinite else ""
+    return (
+        f"bissl-fast run: warning: BiSSL stage {entry.stage + 1}/{stages}: {entry.solves_worse} of "
+        f"{len(entry.solve_residuals)} implicit-gradient solves ({entry.solve_method}) ended with a larger relative "
+        f"residual than no solve (x = v), worst {worst[0]:.3g} vs {worst[1]:.3g}{indefinite}; remedy: "
+        f"--solve-method minres, or a larger --damping (now {entry.damping:g}) or --auto-damping"
+    )
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """A short table: test accuracy in percent per initialization (top-5 only with more than 5 classes)."""
     top5 = all("top5_percent_mean" in r for r in summary["results"].values())
@@ -323,4 +343,4 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["format_summary", "run_pipeline"]
+__all__ = ["format_summary", "run_pipeline", "solve_warning"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import sys
 from types import TracebackType
@@ -69,7 +70,7 @@ def tensorboard_scalars(record: dict[str, Any], line: int) -> tuple[int, dict[st
 
     Tags are ``<phase>[/<init>][/seed<k>]/<key>`` for every number of the record (fine-tuning runs
     of each initialization and seed apart; the test and search records step over seeds and trials),
-    and ``bissl/cg_relative_residual_max``: the largest relative residual of a stage's CG solves.
+    and ``bissl/solve_relative_residual_max``: the largest true relative residual of a stage's solves.
     """
     step_key = _TENSORBOARD_STEP.get(record["phase"])
     tag = record["phase"] + (f"/{record['init']}" if "init" in record else "")
@@ -77,8 +78,9 @@ def tensorboard_scalars(record: dict[str, Any], line: int) -> tuple[int, dict[st
         tag += f"/seed{record['seed']}"
     scalars = {f"{tag}/{key}": float(value) for key, value in record.items()
                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in _LABELS}
-    if record.get("cg_relative_residuals"):
-        scalars[f"{tag}/cg_relative_residual_max"] = float(max(record["cg_relative_residuals"]))
+    residuals = [r for r in record.get("solve_residuals") or () if r is not None and math.isfinite(r)]
+    if residuals:
+        scalars[f"{tag}/solve_relative_residual_max"] = float(max(residuals))
     return (line if step_key is None else int(record[step_key])), scalars
 
 

@@ -1,6 +1,6 @@
-// Element math and work decomposition of the fused multi-tensor CG vector updates (docs/design.md §2.3),
-// shared by the CPU kernel (csrc/cpu/cg_cpu.cpp), the CUDA kernels (csrc/cuda/cg_cuda_kernels.cu) and the
-// C++ test (csrc/tests/test_cg_math.cpp).
+// Element math and work decomposition of the fused multi-tensor vector updates of the Krylov solvers, CG
+// and MINRES (docs/design.md §2.3), shared by the CPU kernel (csrc/cpu/cg_cpu.cpp), the CUDA kernels
+// (csrc/cuda/cg_cuda_kernels.cu) and the C++ test (csrc/tests/test_cg_math.cpp).
 //
 // One CG iteration over T tensors (x, r, d owned by the solver, ad = A d from the matvec), with
 // per-tensor scalars alpha_t, beta_t (layerwise CG) or one shared value (global CG):
@@ -9,6 +9,16 @@
 //   x_t    += alpha_t d_t,  r_t -= alpha_t ad_t,       (cg_update, one pass; also returns
 //   rr_t    = r_t . r_t                                 the new r.r per tensor)
 //   d_t     = r_t + beta_t d_t                         (cg_direction)
+//
+// One MINRES iteration (Paige-Saunders, as SciPy's minres without preconditioner) over the same
+// tensors, with global scalars (one Krylov space for the coupled system), av = A v from the matvec:
+//
+//   v.av, v.r1                                          (cg_dot_pair: two dots in one pass)
+//   r1 = av - c1 r1 - c2 r2;  returns r1.r1             (minres_lanczos: the next Lanczos vector,
+//                                                        unnormalized, written over r1)
+//   w1 = (v - oldeps w1 - delta w2) * gamma_inv;        (minres_update, one pass: the new search
+//   x += phi w1;  v = y * beta_inv                       direction over w_{k-2}, the iterate, and
+//                                                        the next normalized Lanczos vector)
 //
 // The element updates are the expressions of the reference loop (x + alpha*d, r - alpha*ad,
 // r + beta*d) evaluated in the op type A (float for float/half/bfloat16 storage, double for
@@ -70,6 +80,19 @@ BISSL_HD A update_xr(A& x, A& r, A d, A ad, A alpha) {
 template <typename A>
 BISSL_HD A direction(A r, A d, A beta) {
   return r + beta * d;
+}
+
+// Next (unnormalized) Lanczos vector for one element: av - c1 * r1 - c2 * r2, left to right as the
+// reference loop evaluates (y - (beta/oldb) r1) - (alfa/beta) r2.
+template <typename A>
+BISSL_HD A lanczos_next(A av, A r1, A r2, A c1, A c2) {
+  return av - c1 * r1 - c2 * r2;
+}
+
+// MINRES search direction for one element: (v - oldeps * w1 - delta * w2) * gamma_inv.
+template <typename A>
+BISSL_HD A minres_direction(A v, A w1, A w2, A oldeps, A delta, A gamma_inv) {
+  return (v - oldeps * w1 - delta * w2) * gamma_inv;
 }
 
 // Host-side dot accumulation: sum over i in [begin, end) of body(i) (a double) in kLanes

@@ -39,6 +39,17 @@ cudaError_t launch_cg_update(DType dtype, const int64_t* table, int64_t T, int64
                              double* partials, unsigned int* ticket, double* out, cudaStream_t stream);
 cudaError_t launch_cg_direction(DType dtype, const int64_t* table, int64_t T, int64_t chunks, const double* beta,
                                 cudaStream_t stream);
+// Two dots per pass; `partials` holds 2 * chunks doubles, `out` is float64 [2, T].
+cudaError_t launch_cg_dot_pair(DType dtype, const int64_t* table, int64_t T, int64_t chunks, double* partials,
+                               unsigned int* ticket, double* out, cudaStream_t stream);
+// MINRES's scalars are global (one Krylov space) and travel by value.
+cudaError_t launch_minres_lanczos(DType dtype, const int64_t* table, int64_t T, int64_t chunks, double c1, double c2,
+                                  double* partials, unsigned int* ticket, double* out, cudaStream_t stream);
+struct MinresScalars {
+  double oldeps, delta, gamma_inv, phi, beta_inv;
+};
+cudaError_t launch_minres_update(DType dtype, const int64_t* table, int64_t T, int64_t chunks, MinresScalars s,
+                                 cudaStream_t stream);
 
 }  // namespace cg
 
