@@ -56,6 +56,7 @@ def test_cli_prints_the_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| minres (2) |" in printed and "widths 2-3, init" in printed
     saved = json.loads(out.read_text())
+    assert saved["provenance"]["source_sha256"] and saved["args"]["batch"] == 8
     assert saved["results"][0]["methods"]["minres:2"]["rel_res"] <= saved["results"][0]["methods"]["none"]["rel_res"]
     with pytest.raises(SystemExit):
         sa.main(["--methods", "gmres:5"])

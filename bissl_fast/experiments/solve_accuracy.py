@@ -27,6 +27,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from .._progress import progress_bar
+from .._provenance import provenance
 from ..data.tensors import BatchAugment, load_digits, normalize_stats
 from ..solver import HessianOperator, ImplicitGradient
 from ..solver.spectrum import lanczos_ritz_values
@@ -89,11 +91,13 @@ def build_problem(widths: Sequence[int], pretrain_steps: int, batch: int = 64, s
     return Problem(model, views, v)  # type: ignore[arg-type]
 
 
-def dense_hessian(op: HessianOperator, block: int = 128) -> torch.Tensor:
-    """``H`` as a dense ``[P, P]`` float64 matrix, ``block`` columns per batched product, symmetrized."""
+def dense_hessian(op: HessianOperator, block: int = 128, progress: bool | None = None) -> torch.Tensor:
+    """``H`` as a dense ``[P, P]`` float64 matrix, ``block`` columns per batched product, symmetrized;
+    ``progress`` as in :func:`bissl_fast._progress.progress_bar` (columns done)."""
     params = op.params
     n = sum(p.numel() for p in params)
     h = torch.empty(n, n, dtype=torch.float64)
+    bar = progress_bar(n, f"dense Hessian (P = {n})", progress, unit="column")
     for start in range(0, n, block):
         k = min(block, n - start)
         eye = torch.zeros(k, n, dtype=torch.float64)
@@ -103,6 +107,10 @@ def dense_hessian(op: HessianOperator, block: int = 128) -> torch.Tensor:
             tangents.append(eye[:, offset : offset + p.numel()].reshape(k, *p.shape).to(p.dtype))
             offset += p.numel()
         h[:, start : start + k] = torch.cat([t.reshape(k, -1) for t in op.matmat(tuple(tangents))], dim=1).T.double()
+        if bar is not None:
+            bar.update(k)
+    if bar is not None:
+        bar.close()
     # Symmetrize in blocks (no second P x P copy): the products are symmetric to rounding.
     edges = list(range(0, n, 1024)) + [n]
     for i, (r0, r1) in enumerate(zip(edges, edges[1:])):
@@ -143,7 +151,7 @@ class SettingResult:
 
 def solve_accuracy(
     widths: Sequence[int], pretrain_steps: int, methods: Sequence[str] = DEFAULT_METHODS, damping: float = 10.0,
-    lam: float = 0.001, batch: int = 64, seed: int = 0,
+    lam: float = 0.001, batch: int = 64, seed: int = 0, progress: bool | None = None,
 ) -> SettingResult:
     """Relative error and residual of every method in ``methods`` against the exact solution of one problem.
 
@@ -156,7 +164,7 @@ def solve_accuracy(
     c = lam + damping
     with HessianOperator(prob.loss, prob.params) as op:
         # A = I + H / c formed in place: at widths 16-32 one dense copy is 3 GB.
-        a = dense_hessian(op).div_(c)
+        a = dense_hessian(op, progress=progress).div_(c)
         a.diagonal().add_(1.0)
         flat_v = torch.cat([t.reshape(-1) for t in prob.v])
         exact = torch.linalg.solve(a, flat_v)
@@ -239,15 +247,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(str(exc))
     if not args.damping + args.lam > 0 or args.batch < 2 or any(s < 0 for s in args.pretrain_steps):
         p.error("need lam + damping > 0, --batch >= 2 and --pretrain-steps >= 0")
+    produced_by = provenance()
     results = [
-        solve_accuracy(w, steps, args.methods, args.damping, args.lam, args.batch, args.seed)
+        solve_accuracy(w, steps, args.methods, args.damping, args.lam, args.batch, args.seed, progress=True)
         for w in widths for steps in args.pretrain_steps
     ]
     print(format_table(results))
     if args.json is not None:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"command": "python -m bissl_fast.experiments.solve_accuracy", "args": vars(args),
+            json.dump({"provenance": produced_by, "args": vars(args),
                        "results": [asdict(r) for r in results]}, f, indent=1)
     return 0 if all(math.isfinite(r.lambda_min) for r in results) else 1
 
