@@ -107,6 +107,33 @@ inline void row_sums_dbwd(const S* gg, const S* g, const S* x, int64_t n, T mean
   s_ggg += lanes_total<T>(e);
 }
 
+// The cotangent's part of row_sums_dbwd (same lanes, same order), for the batched double backward.
+template <typename T, typename S>
+inline void row_sums_cotangent(const S* gg, const S* g, const S* x, int64_t n, T mean, T& s_gg, T& s_ggx,
+                               T& s_ggg) {
+  LaneVec<T> c = {}, d = {}, e = {}, gv = {}, ggv = {}, xc = {};
+  int64_t i = 0;
+  for (; i + bn::kLanes <= n; i += bn::kLanes) {
+    load_lanes<T>(gv, g + i);
+    load_lanes<T>(ggv, gg + i);
+    load_lanes<T>(xc, x + i);
+    xc -= mean;
+    c += ggv;
+    d += ggv * xc;
+    e += ggv * gv;
+  }
+  for (; i < n; ++i) {
+    const T gs = static_cast<T>(g[i]), ggs = static_cast<T>(gg[i]);
+    const T xs = static_cast<T>(x[i]) - mean;
+    c[0] += ggs;
+    d[0] += ggs * xs;
+    e[0] += ggs * gs;
+  }
+  s_gg += lanes_total<T>(c);
+  s_ggx += lanes_total<T>(d);
+  s_ggg += lanes_total<T>(e);
+}
+
 // [N, C] inputs (L = 1): calls f(row, k) for row n (pointing at its channel c0) and k in [0, c1 - c0),
 // so the loop over k is contiguous and, with one accumulator per channel, vectorizes.
 template <typename S, typename F>
@@ -321,5 +348,75 @@ void dbwd_block(const DbwdArgs<S, T>& a, int64_t c0, int64_t c1) {
     dbwd_outputs<true>(a, coef, c0, c1);
   } else {
     dbwd_outputs<false>(a, coef, c0, c1);
+  }
+}
+
+// Batched ops (k cotangents at once, for batched Hessian-vector products): a channel block is finished for
+// every cotangent before the next block, so its input (and, for the double backward, grad_out) is read
+// from cache after the first cotangent.
+
+template <typename S, typename T>
+void bwd_batched_block(const BwdBatchedArgs<S, T>& a, int64_t c0, int64_t c1) {
+  for (int64_t j = 0; j < a.k; ++j) bwd_block(a.tangent(j), c0, c1);
+}
+
+template <typename S, typename T>
+void dbwd_batched_block(const DbwdBatchedArgs<S, T>& a, int64_t c0, int64_t c1) {
+  const DbwdArgs<S, T>& first = a.base;
+  const Geometry& ly = first.ly;
+  const int64_t nc = c1 - c0;
+  const T m = static_cast<T>(ly.n * ly.l);
+  // The cotangent-free sums, once: sum g and sum g (x - mean).
+  std::vector<T> s_g(nc, T(0)), s_gx(nc, T(0));
+  if (ly.l == 1) {
+    const T* mu = first.mean + c0;
+    for (int64_t n = 0; n < ly.n; ++n) {
+      const int64_t row = n * ly.c + c0;
+      for (int64_t k = 0; k < nc; ++k) {
+        const T gv = static_cast<T>(first.g[row + k]);
+        s_g[k] += gv;
+        s_gx[k] += gv * (static_cast<T>(first.x[row + k]) - mu[k]);
+      }
+    }
+  } else {
+    for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
+      row_sums_bwd<T>(first.g + off, first.x + off, ly.l, first.mean[c0 + k], s_g[k], s_gx[k]);
+    });
+  }
+  std::vector<T> s_gg(nc), s_ggx(nc), s_ggg(nc);
+  std::vector<bn::DbwdCoef<T>> coef(nc);
+  for (int64_t j = 0; j < a.k; ++j) {
+    const DbwdArgs<S, T> t = a.tangent(j);
+    std::fill(s_gg.begin(), s_gg.end(), T(0));
+    std::fill(s_ggx.begin(), s_ggx.end(), T(0));
+    std::fill(s_ggg.begin(), s_ggg.end(), T(0));
+    if (t.ggx != nullptr && ly.l == 1) {
+      const T* mu = t.mean + c0;
+      for (int64_t n = 0; n < ly.n; ++n) {
+        const int64_t row = n * ly.c + c0;
+        for (int64_t k = 0; k < nc; ++k) {
+          const T ggv = static_cast<T>(t.ggx[row + k]);
+          s_gg[k] += ggv;
+          s_ggx[k] += ggv * (static_cast<T>(t.x[row + k]) - mu[k]);
+          s_ggg[k] += ggv * static_cast<T>(t.g[row + k]);
+        }
+      }
+    } else if (t.ggx != nullptr) {
+      for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
+        row_sums_cotangent<T>(t.ggx + off, t.g + off, t.x + off, ly.l, t.mean[c0 + k], s_gg[k], s_ggx[k], s_ggg[k]);
+      });
+    }
+    for (int64_t k = 0; k < nc; ++k) {
+      const int64_t c = c0 + k;
+      coef[k] = bn::dbwd_coef(t.training, m, t.invstd[c], t.w[c], s_g[k], s_gx[k], s_gg[k], s_ggx[k], s_ggg[k],
+                              t.ggw[c], t.ggb[c]);
+      if (t.gw != nullptr) t.gw[c] = coef[k].gw;
+    }
+    if (t.gi == nullptr && t.gg == nullptr) continue;
+    if (t.ggx != nullptr) {
+      dbwd_outputs<true>(t, coef, c0, c1);
+    } else {
+      dbwd_outputs<false>(t, coef, c0, c1);
+    }
   }
 }
