@@ -366,9 +366,10 @@ void dbwd_batched_block(const DbwdBatchedArgs<S, T>& a, int64_t c0, int64_t c1) 
   const Geometry& ly = first.ly;
   const int64_t nc = c1 - c0;
   const T m = static_cast<T>(ly.n * ly.l);
-  // The cotangent-free sums, once: sum g and sum g (x - mean).
+  // The cotangent-free sums, once: sum g and sum g (x - mean), in dbwd_block's loop for the same case (so
+  // the results equal the single-tangent op's bit for bit).
   std::vector<T> s_g(nc, T(0)), s_gx(nc, T(0));
-  if (ly.l == 1) {
+  if (ly.l == 1 && first.ggx != nullptr) {
     const T* mu = first.mean + c0;
     for (int64_t n = 0; n < ly.n; ++n) {
       const int64_t row = n * ly.c + c0;
