@@ -236,26 +236,31 @@ def _single_block_double_backward_batched(
     r: torch.Tensor, out: torch.Tensor,
 ) -> None:
     """Writes ``r`` and ``out``. With ``A = W U^T`` and the symmetric ``S = C P + P^T C``:
-    ``r_i = w_i . (P U)_i + u_i . (P W)_i`` and ``E + E^T = T + T^T`` for ``T = S * A - diag(c r) P``
-    (the transposed terms of ``E + E^T`` pair up because ``S`` is symmetric), so per cotangent only ``A``
-    is ``N x N``, no transpose of it is formed, and ``(E + E^T) U = T U + T^T U``."""
+    ``r_i = w_i . (P U)_i + sum_j P_ij A_ji`` and ``E + E^T = T + T^T`` for ``T = S * A - diag(c r) P``
+    (the transposed terms of ``E + E^T`` pair up because ``S`` is symmetric). Per cotangent that is three
+    ``N x N x D`` matmuls (``A``, ``S W``, ``T U + T^T U`` as one with a transposed operand and one without)
+    and four elementwise passes, against the single-vector kernel's four matmuls, the exponentials and
+    about a dozen passes; no ``N x N`` transpose is copied per cotangent."""
     n = u.shape[0]
     p = _masked_logits(u, 0, n, inv_tau).sub_(lse[:, None]).exp_()
+    p_t = p.T.contiguous()
     pu = torch.mm(p, u)
-    # With shared weights, S W and P W of every cotangent come from one [2N, N] x [N, k*D] product.
-    shared = torch.cat([_plus_transpose(p * c[:, None]), p]) if c.dim() == 1 else None
+    shared_s = _plus_transpose(p * c[:, None]) if c.dim() == 1 else None
     for j0, j1 in _tangent_groups(w.shape[0], n * n):
         wj = w[j0:j1]
-        if shared is None:
+        a = torch.matmul(wj, u.T)  # A_ij = w_i . u_j
+        rj = torch.add((wj * pu).sum(-1), (a * p_t).sum(1), out=r[j0:j1])
+        if shared_s is None:
             cj = c[j0:j1]
-            s = (cj[:, :, None] * p).add_(cj[:, None, :] * p.T)
-            first, pw = torch.bmm(s, wj), _times_each(p, wj)
+            s = (cj[:, :, None] * p).add_(cj[:, None, :] * p_t)
+            first = torch.bmm(s, wj)
         else:
-            cj, s = c, shared[:n]
-            first, pw = _times_each(shared, wj).split(n, dim=1)
-        rj = torch.add((wj * pu).sum(-1), (u * pw).sum(-1), out=r[j0:j1])
-        t = torch.matmul(wj, u.T).mul_(s).addcmul_(p, (cj * rj)[:, :, None], value=-1)
-        second = torch.matmul(t, u).add_(torch.matmul(t.transpose(1, 2), u))
+            cj, s = c, shared_s
+            first = _times_each(s, wj)
+        t = a.mul_(s).addcmul_(p, (cj * rj)[:, :, None], value=-1)
+        second = torch.matmul(t, u)
+        for i in range(j1 - j0):  # 2-D products read the transposed operand in place
+            second[i].addmm_(t[i].T, u)
         torch.add(first.mul(inv_tau), second, alpha=inv_tau * inv_tau, out=out[j0:j1])
 
 

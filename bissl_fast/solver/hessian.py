@@ -213,7 +213,11 @@ class HessianOperator:
         if k < 1:
             raise ValueError("vs must hold k >= 1 vectors")
         self._check_vectors(vs)
-        if self.mode == "fwd-rev":
+        if k == 1:  # the vmap machinery costs more than it shares for one vector
+            single = tuple(t[0] for t in vs)
+            one = self._fwd_rev(single) if self.mode == "fwd-rev" else self._rev_rev(single, batched=False)
+            out = tuple(t.unsqueeze(0) for t in one)
+        elif self.mode == "fwd-rev":
             out = self._fwd_rev_batched(vs)
         else:
             out = self._rev_rev(vs, batched=True)
