@@ -25,12 +25,32 @@ import sys
 from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-# The torch versions the extension is tested with, as in pyproject.toml's dependencies (lower, upper bound).
-TORCH_RANGE = ("2.11", "2.14")
+# The oldest supported torch (pyproject.toml's dependencies: torch>=TORCH_MIN, no upper bound) and the newest
+# minor release the test scripts run (scripts/test_torch_range.sh); a newer torch builds with a warning.
+TORCH_MIN = (2, 11)
+TORCH_NEWEST_TESTED = (2, 14)
 
 
 def _fail(message: str) -> None:
     sys.exit(f"bissl_fast build: {message}")
+
+
+def _dotted(version: tuple[int, int]) -> str:
+    return ".".join(map(str, version))
+
+
+def _check_torch_version(version: str) -> None:
+    """Refuse a torch older than TORCH_MIN; warn (one line) for one newer than the newest tested minor release."""
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        _fail(f"cannot read torch's version {version!r}; reinstall torch>={_dotted(TORCH_MIN)}")
+    minor = (int(match.group(1)), int(match.group(2)))
+    if minor < TORCH_MIN:
+        _fail(f"torch {version} is older than the oldest supported {_dotted(TORCH_MIN)}; "
+              f"install torch>={_dotted(TORCH_MIN)}, then `pip install --no-build-isolation .`")
+    if minor > TORCH_NEWEST_TESTED:
+        print(f"bissl_fast build: warning: torch {version} is newer than the tested range "
+              f"{_dotted(TORCH_MIN)}-{_dotted(TORCH_NEWEST_TESTED)}; building against it anyway", file=sys.stderr)
 
 
 def _rel(pattern: str) -> list[str]:
@@ -103,16 +123,12 @@ def _extensions():
     except ImportError:
         if any("pip-build-env-" in path for path in sys.path):
             _fail("pip's build isolation hides torch, and the extension must compile against the torch you run: "
-                  f"install torch>={TORCH_RANGE[0]},<{TORCH_RANGE[1]}, then `pip install --no-build-isolation .` "
+                  f"install torch>={_dotted(TORCH_MIN)}, then `pip install --no-build-isolation .` "
                   "(BISSL_FAST_SKIP_EXT=1: pure Python)")
-        _fail(f"torch is not installed; install torch>={TORCH_RANGE[0]},<{TORCH_RANGE[1]} first, then "
+        _fail(f"torch is not installed; install torch>={_dotted(TORCH_MIN)} first, then "
               "`pip install --no-build-isolation .` (BISSL_FAST_SKIP_EXT=1: pure Python)")
 
-    from torch.torch_version import TorchVersion
-
-    if not TORCH_RANGE[0] <= TorchVersion(torch.__version__) < TORCH_RANGE[1]:
-        _fail(f"torch {torch.__version__} is outside the supported range >={TORCH_RANGE[0]},<{TORCH_RANGE[1]} "
-              "(pyproject.toml); pip would replace it after the build and the extension would not load")
+    _check_torch_version(torch.__version__)
 
     force_cuda = os.environ.get("FORCE_CUDA", "0") == "1"
     cuda_home = _find_cuda_home() if (force_cuda or torch.version.cuda is not None) else None
@@ -129,13 +145,20 @@ def _extensions():
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
+    # The torch this build compiles against, recorded in the library (csrc/module.cpp) and compared with the
+    # running torch when bissl_fast first loads it. Bare tokens, stringified in C++: a quoted value would
+    # not survive the shell that ninja runs each compile command in.
+    if not re.fullmatch(r"[\w.+]+", torch.__version__):
+        _fail(f"torch's version {torch.__version__!r} has characters the build cannot record; reinstall torch")
+    build_info = [("BISSL_FAST_TORCH_VERSION", torch.__version__),
+                  ("BISSL_FAST_TORCH_CUDA", torch.version.cuda if with_cuda else "none")]
     # Headers are not sources: listing them makes build_ext rebuild when only a header changed.
     depends = _rel("csrc/*.h") + _rel("csrc/include/bissl_fast/*.h")
     # Python's own CFLAGS carry -g; -g0 after them drops the debug info.
     cxx_flags = ["-O3", "-std=c++20", "-g0"]
     if not with_cuda:
         ext = CppExtension("bissl_fast._C", sources, include_dirs=include_dirs, depends=depends,
-                           extra_compile_args={"cxx": cxx_flags})
+                           define_macros=build_info, extra_compile_args={"cxx": cxx_flags})
         return [ext], {"build_ext": BuildExtension}
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "(torch default)")
     print(f"bissl_fast build: CUDA kernels for TORCH_CUDA_ARCH_LIST={arch_list}, toolkit {cuda_home}", file=sys.stderr)
@@ -144,7 +167,7 @@ def _extensions():
         sources + cuda_sources,
         include_dirs=include_dirs,
         depends=depends,
-        define_macros=[("BISSL_FAST_WITH_CUDA", "1")],
+        define_macros=[("BISSL_FAST_WITH_CUDA", "1"), *build_info],
         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
     )
     return [ext], {"build_ext": BuildExtension}

@@ -24,14 +24,8 @@ import pytest
 import torch
 
 from bissl_fast.bench.memory import peak_memory_bytes
-from bissl_fast.bench.timing import (
-    GemmFloor,
-    StreamFloor,
-    calibrate,
-    interleaved_ratio,
-    machine_load,
-    measure_floor,
-)
+from bissl_fast._machine import calibrate, machine_load
+from bissl_fast.bench.timing import GemmFloor, StreamFloor, interleaved_ratio, measure_floor
 
 sys.path.insert(0, os.path.dirname(__file__))
 

@@ -10,7 +10,10 @@ import functools
 import importlib
 import importlib.util
 import os
+import re
+import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
@@ -44,6 +47,9 @@ _BUILD_FIX = (
     "build it with `pip install --no-build-isolation -e .` from the repository root "
     "(and without BISSL_FAST_SKIP_EXT=1)"
 )
+# The literal csrc/module.cpp compiles in (its build_info()): torch.__version__, _GLIBCXX_USE_CXX11_ABI and
+# torch.version.cuda ("none" without the CUDA kernels) of the torch the library was compiled against.
+_BUILD_INFO = re.compile(rb"bissl_fast build info: torch=([\w.+]+) cxx11_abi=([01]) cuda=([\w.]+);")
 
 
 class BackendUnavailableError(RuntimeError):
@@ -55,6 +61,54 @@ def triton_interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _running_build() -> tuple[str, int, str]:
+    """``(torch version, C++ ABI flag, CUDA version or "none")`` of the torch in this process."""
+    return torch.__version__, int(torch._C._GLIBCXX_USE_CXX11_ABI), torch.version.cuda or "none"
+
+
+def _rebuild_command(library: Path) -> str:
+    """The command that rebuilds the extension at ``library`` against the running torch."""
+    source = library.parent.parent
+    if (source / "setup.py").is_file() and (source / "csrc").is_dir():  # built in place in a checkout
+        return f"cd {source} && {sys.executable} setup.py build_ext --inplace"
+    # pip rebuilds a local folder on every install; --no-deps leaves the running torch alone.
+    return f"{sys.executable} -m pip install --no-build-isolation --no-deps <bissl_fast source folder>"
+
+
+def build_mismatch(library: str | Path) -> str | None:
+    """Why the extension file ``library`` cannot load into this process's torch, in one line naming the
+    rebuild command, or None when it was compiled against this very torch (version, C++ ABI, CUDA).
+
+    The record is read from the file, not from the loaded module: a library compiled against another
+    torch can fail to load, or crash in its op registrations while loading, before it could be asked.
+    """
+    library = Path(library)
+    # The compiler may keep more than one copy of the literal (build_info() copies it into a std::string).
+    found = set(_BUILD_INFO.findall(library.read_bytes()))
+    rebuild = f"rebuild it against this torch: `{_rebuild_command(library)}`"
+    running = _running_build()
+    if len(found) != 1:
+        return f"{library} records no torch version (built before bissl_fast recorded one); {rebuild}"
+    version, abi, cuda = (part.decode() for part in found.pop())
+    built = (version, int(abi), cuda)
+    if built[:2] == running[:2] and cuda in ("none", running[2]):
+        return None
+
+    def describe(build: tuple[str, int, str]) -> str:
+        return f"torch {build[0]} (C++ ABI {build[1]}, CUDA {build[2]})"
+
+    return f"bissl_fast._C was compiled against {describe(built)} but this is {describe(running)}; {rebuild}"
+
+
+@functools.lru_cache(maxsize=None)
+def _extension_mismatch() -> str | None:
+    """:func:`build_mismatch` of the installed extension (None also when there is none)."""
+    spec = importlib.util.find_spec("bissl_fast._C")
+    if spec is None or spec.origin is None:
+        return None
+    return build_mismatch(spec.origin)
+
+
 @functools.lru_cache(maxsize=None)
 def _status(name: str) -> tuple[bool, str]:
     """``(available, why not)`` of one backend, probed on first use: resolving an op's backend
@@ -62,6 +116,9 @@ def _status(name: str) -> tuple[bool, str]:
     if name == "torch":
         return True, ""
     if name == "cpp":
+        mismatch = _extension_mismatch()
+        if mismatch is not None:
+            return False, mismatch
         try:
             importlib.import_module("bissl_fast._C")
         except ImportError as exc:
@@ -131,13 +188,16 @@ def resolve_backend(requested: str, device: torch.device, op: str) -> str:
 
     ``"auto"`` takes the first backend of the op's order for ``device.type`` that is available and
     runs there, else ``"torch"``. An explicit request that cannot run raises
-    :class:`BackendUnavailableError`; there is no silent fallback.
+    :class:`BackendUnavailableError`; there is no silent fallback, nor one from an extension compiled
+    against another torch (``auto`` raises then too, naming the rebuild command).
     """
     if requested != "auto" and requested not in BACKEND_NAMES:
         raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
     supported = OP_BACKENDS[op].supported
     if requested == "auto":
         for name in OP_BACKENDS[op].auto_order.get(device.type, ("torch",)):
+            if name in ("cpp", "cuda") and _runs_on(name, device) and _extension_mismatch() is not None:
+                raise BackendUnavailableError(_extension_mismatch())
             if _runs_on(name, device) and _status(name)[0]:
                 return name
         return "torch"

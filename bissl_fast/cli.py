@@ -1,17 +1,27 @@
-"""Console entry point ``bissl-fast``: ``bench`` (benchmark report), ``demo`` (the honest BiSSL experiment) and ``run`` (the paper's pipeline).
+"""Console entry point ``bissl-fast`` (also ``python -m bissl_fast``): ``bench`` (benchmark report), ``demo``
+(the honest BiSSL experiment) and ``run`` (the paper's pipeline).
 
-Every error ends the command with one line on stderr and exit code 2; ``bissl-fast --debug ...``
-shows the full traceback instead.
+Every error ends the command with one line on stderr and exit code 2; ``--debug``, before or after
+the command, shows the full traceback instead.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import platform
 import sys
 from pathlib import Path
 
 _PROG = "bissl-fast"
 _USAGE_ERROR = 2
+# What `bissl-fast --help` says (plain text: the module docstring is reStructuredText).
+_DESCRIPTION = """\
+bench (benchmark report), demo (the honest BiSSL experiment) and run (the paper's pipeline).
+
+Every error ends the command with one line on stderr and exit code 2; --debug, before or after
+the command, shows the full traceback instead."""
+# Commands that take --debug themselves (those that catch their own errors); for the others it is the CLI's alone.
+_OWN_DEBUG = {"run"}
 
 
 class _UsageError(Exception):
@@ -30,9 +40,18 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
                      args.threads, args.update_readme)
 
 
+def _version() -> str:
+    import torch
+
+    from . import __version__
+
+    return f"{_PROG} {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
 def _parser() -> _Parser:
-    parser = _Parser(prog=_PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback")
+    parser = _Parser(prog=_PROG, description=_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="on an error, show the full traceback (also after the command)")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = sub.add_parser("bench", help="run the benchmark suites for this device and write a report")
     bench.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (JSON, Markdown, PNG)")
@@ -55,8 +74,17 @@ def _run(args: argparse.Namespace, rest: list[str]) -> int:
         if rest:
             raise _UsageError(f"unrecognized arguments: {' '.join(rest)} (see {_PROG} {args.command} --help)")
         return int(args.run(args, rest) or 0)
+    if args.debug and args.command in _OWN_DEBUG:
+        rest = [*rest, "--debug"]
     module, function = entry.split(":")
     return int(getattr(importlib.import_module(module), function)(rest) or 0)
+
+
+def _split_debug(argv: list[str]) -> tuple[bool, list[str]]:
+    """``--debug`` anywhere before a ``--`` (before or after the command), and the arguments without it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    kept = [a for a in argv[:end] if a != "--debug"] + argv[end:]
+    return len(kept) < len(argv), kept
 
 
 def _one_line(exc: BaseException) -> str:
@@ -69,11 +97,10 @@ def _one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``bissl-fast`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    debug = False
+    debug, argv = _split_debug(sys.argv[1:] if argv is None else list(argv))
     try:
         args, rest = _parser().parse_known_args(argv)
-        debug = args.debug
+        args.debug = debug
         return _run(args, rest)
     except _UsageError as exc:
         print(f"{_PROG}: error: {exc}", file=sys.stderr)

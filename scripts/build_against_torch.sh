@@ -35,11 +35,13 @@ import sys
 import torch
 
 import bissl_fast
-import bissl_fast._C as C
+from bissl_fast._backends import build_mismatch, extension
 
 lib, want_cuda = sys.argv[1], sys.argv[2] == "1"
 assert bissl_fast.__file__.startswith(lib), f"imported {bissl_fast.__file__}, not the build in {lib}"
-print(f"imported {C.__file__} with torch {torch.__version__}: cuda_compiled() = {C.cuda_compiled()}")
+C = extension()  # loads the library after checking the torch it records against this one
+assert build_mismatch(C.__file__) is None
+print(f"imported {C.__file__} with torch {torch.__version__}: cuda_compiled() = {C.cuda_compiled()}; {C.build_info()}")
 assert C.cuda_compiled() == want_cuda, "cuda_compiled() does not match the build"
 if want_cuda:
     ops = ("byol_fwd", "byol_bwd", "byol_hvp", "cg_dot", "cg_update", "cg_direction",

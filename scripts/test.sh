@@ -3,7 +3,7 @@
 #   1. nvcc compile check of each csrc/**/*.cu alone for sm_80 and sm_90 (when nvcc is present; no
 #      torch headers, which keeps the kernel files torch-free),
 #   2. the C++ tests of the shared host/device math headers (cmake + ctest),
-#   3. the Triton kernels on CPU tensors (TRITON_INTERPRET=1, tests marked `triton`; needs numpy<2.4),
+#   3. the Triton kernels on CPU tensors (TRITON_INTERPRET=1, tests marked `triton`),
 #   4. the main suite (everything not marked `triton` or `cuda`), 3 and 4 by scripts/run_pytest.sh.
 # The CUDA-marked tests and the compiled Triton kernels run on a GPU machine: benchmarks/gpu_check.sh.
 # The full extension build with the CUDA kernels, and the oldest supported torch, are
@@ -25,6 +25,7 @@ if command -v nvcc >/dev/null 2>&1; then
       fi
     done
   done < <(find csrc -name '*.cu' | sort)
+  "$PY" scripts/cuda_resources.py || status=1
 else
   echo "== nvcc not found: skipping the CUDA compile check"
 fi

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Print the path of a cached venv holding torch==VERSION from the package index plus the test
-# toolchain, creating it first when missing. The index's default Linux wheel of torch is the CUDA
-# build (2.11.0: CUDA 13.0, ~4.7 GB with its nvidia-* wheels); it also runs on machines without a GPU.
+# toolchain, creating it first when missing. VERSION is one of the two pinned in scripts/setup.sh (the
+# dev venv's newest torch, with its pins, or the oldest supported, with OLDEST_PINS). The index's default
+# Linux wheel of torch is the CUDA build (2.11.0: CUDA 13.0, ~4.7 GB with its nvidia-* wheels); it also
+# runs on machines without a GPU.
 # The venv lives under ${BISSL_FAST_CACHE:-~/.cache/bissl_fast}, named by a hash of the pins below and
 # the Python version, so later runs (CI included) reuse it while the pins do not change; venvs of the
 # same torch version with other pins are deleted to bound the disk.
@@ -9,9 +11,13 @@
 set -euo pipefail
 version=${1:?usage: scripts/torch_venv.sh TORCH_VERSION}
 PYTHON=${PYTHON:-python3}
-# triton 3.6.0 is what torch 2.11-2.13 pin; numpy<2.4 only for the Triton interpreter tests (README).
-REQS=("torch==$version" "triton==3.6.0" "numpy<2.4" pytest pytest-benchmark ninja pybind11 "setuptools>=64" wheel
-  scikit-learn matplotlib tqdm pillow)
+source "$(dirname "$0")/setup.sh"  # only its pins: PINS, OLDEST_PINS, TOOLS
+case "torch==$version" in
+  "${PINS[0]}") REQS=("${PINS[@]}" "${TOOLS[@]}") ;;
+  "${OLDEST_PINS[0]}")
+    REQS=("${OLDEST_PINS[@]}" "$(printf '%s\n' "${PINS[@]}" | grep '^scikit-learn==')" "${TOOLS[@]}") ;;
+  *) echo "torch_venv: scripts/setup.sh pins ${PINS[0]} and ${OLDEST_PINS[0]}, not torch==$version" >&2; exit 2 ;;
+esac
 key=$({ "$PYTHON" --version; printf '%s\n' "${REQS[@]}"; } | sha256sum | cut -c1-12)
 root=${BISSL_FAST_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/bissl_fast}
 venv=$root/venv-torch$version-$key

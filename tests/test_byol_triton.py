@@ -107,3 +107,25 @@ def test_forward_over_reverse_matches_reference():
     got = hvp(lambda *xs: byol_loss(*xs, backend="triton"))
     expected = hvp(lambda *xs: reference.byol_loss(*(x.double() for x in xs)))
     assert_close_rel("fwd-rev HVP", got, expected, 1e-5)
+
+
+def test_launch_arguments_have_their_routes_signature(monkeypatch):
+    """Every launch passes arguments of its route's signature (what tests/test_triton_resources.py
+    compiles ahead of time), here for the forward, backward and HVP with targets that need grad."""
+    from bissl_fast.kernels import triton_routes
+
+    launched = []
+    launch = triton_routes.Route.launch
+
+    def recorded(self, grid, *args):
+        kinds = tuple(triton_routes.pointer(a.dtype) if isinstance(a, torch.Tensor) else {int: "i32"}[type(a)]
+                      for a in args)
+        assert kinds == tuple(kind for _, kind in self.signature), self.name
+        launched.append(self.kernel.name)
+        return launch(self, grid, *args)
+
+    monkeypatch.setattr(triton_routes.Route, "launch", recorded)
+    p1, p2, t1, t2 = (torch.randn(5, 70, device=DEVICE, requires_grad=True) for _ in range(4))
+    (grad,) = torch.autograd.grad(byol_loss(p1, p2, t1, t2, backend="triton"), p1, create_graph=True)
+    torch.autograd.grad((grad * torch.randn_like(grad)).sum(), (p1, t2))
+    assert {"_byol_fwd_kernel", "_byol_bwd_kernel", "_byol_hvp_kernel"} <= set(launched)

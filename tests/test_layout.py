@@ -11,14 +11,14 @@ PACKAGE = Path(__file__).resolve().parent.parent / "bissl_fast"
 MAX_LINES = 450
 
 # What each wing may import besides itself; everything outside the wings and the CLI is the library core,
-# which imports only the core. The CLI dispatches to every wing.
+# which imports only the core. The CLI (also run as `python -m bissl_fast`) dispatches to every wing.
 WINGS = {
     "bissl_fast.data": {"core"},
     "bissl_fast.train": {"core"},
     "bissl_fast.experiments": {"core", "bissl_fast.data", "bissl_fast.train"},
     "bissl_fast.bench": {"core", "bissl_fast.train"},
 }
-ENTRY_POINTS = {"bissl_fast.cli"}
+ENTRY_POINTS = {"bissl_fast.cli", "bissl_fast.__main__"}
 
 
 def _modules() -> dict[str, Path]:

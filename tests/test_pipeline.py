@@ -38,7 +38,7 @@ def test_end_to_end(tmp_path):
     for name in ("bissl", "pretext"):
         result = summary["results"][name]
         assert len(result["runs"]) == 2 and len(result["search"]) == 1
-        assert 0 <= result["top1_mean"] <= result["top5_mean"] <= 1
+        assert 0 <= result["top1_percent_mean"] <= result["top5_percent_mean"] <= 100
     records = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     phases = [r["phase"] for r in records]
     assert phases.count("pretext") == 1 and phases.count("warmup") == 1 and phases.count("bissl") == 2
@@ -89,16 +89,57 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
         run_pipeline(tiny(tmp_path / "killed", pretext="byol", stages=3))
 
 
-def test_pretext_checkpoint_is_loaded_and_checked(tmp_path):
+def test_pretext_checkpoint_is_loaded_and_checked(tmp_path, capsys):
     backbone, _ = build_backbone("tiny_cnn", 1)
-    torch.save({"state_dict": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}, tmp_path / "pre.ckpt")
+    weights = {f"backbone.{k}": v for k, v in backbone.state_dict().items()}
+    torch.save({"state_dict": {**weights, "backbone.fc.weight": torch.zeros(3, 2)}}, tmp_path / "pre.ckpt")
     summary = run_pipeline(tiny(tmp_path / "run", pretext_checkpoint=str(tmp_path / "pre.ckpt"), seeds=1,
                                 lr_search_trials=0, stages=1))
     assert "prefix 'backbone.'" in summary["checkpoint_loads"]["backbone"]
+    # The load report is printed, not only recorded.
+    assert (f"pretext backbone from {tmp_path / 'pre.ckpt'}: loaded {len(weights)} tensors (prefix 'backbone.'), "
+            "ignored 1 checkpoint keys\n") in capsys.readouterr().err
     other, _ = build_backbone("tiny_resnet", 1)
     torch.save(other.state_dict(), tmp_path / "other.pt")
     with pytest.raises(ValueError, match="checkpoint does not fit the TinyCNN"):
         run_pipeline(tiny(tmp_path / "run2", pretext_checkpoint=str(tmp_path / "other.pt")))
+
+
+class _RunsAShellCommand:
+    """What a malicious checkpoint holds: unpickling it would call os.system."""
+
+    def __reduce__(self):
+        return os.system, ("echo pwned",)
+
+
+class _Settings:
+    """A class of the training script saved beside the weights (torch's refusal to load it carries ANSI codes)."""
+
+
+def _pickle_with_code(path):
+    torch.save({"w": torch.ones(1), "payload": _RunsAShellCommand()}, path)
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda path: path.write_bytes(b""), "checkpoint '{path}' is empty (0 bytes)"),
+    (lambda path: path.mkdir(), "checkpoint '{path}' is a directory; give the checkpoint file inside it"),
+    (lambda path: path.write_bytes(b"plain text"), "checkpoint '{path}' is not a file torch.save wrote, or is damaged "
+                                                   "(torch.load(weights_only=True): Unsupported operand 112)"),
+    (_pickle_with_code, "checkpoint '{path}' holds more than tensors (unsupported GLOBAL posix.system), and a "
+                        "weights-only load runs no code from a file; if you trust it, load it with "
+                        "torch.load(weights_only=False) and save its state dict"),
+    (lambda path: torch.save({"w": torch.ones(1), "settings": _Settings()}, path),
+     "checkpoint '{path}' holds more than tensors (Unsupported global: GLOBAL test_pipeline._Settings), and a "
+     "weights-only load runs no code from a file; if you trust it, load it with torch.load(weights_only=False) and "
+     "save its state dict"),
+])
+def test_unreadable_pretext_checkpoints_say_why_in_one_line(tmp_path, capsys, make, message):
+    from bissl_fast.cli import main
+
+    path = tmp_path / "pre.pt"
+    make(path)
+    assert main(["run", "--pretext-checkpoint", str(path), "--out", str(tmp_path / "run"), "--arch", "tiny_cnn"]) == 2
+    assert capsys.readouterr().err == "bissl-fast run: error: " + message.format(path=path) + "\n"
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -145,6 +186,7 @@ def test_shipped_configs_parse():
     (["--data", "imagefolder", "--data-root", "/no/such/folder"], "data_root '/no/such/folder' does not exist"),
     (["--arch", "resnet9000", "--device", "cpu"], "unknown backbone 'resnet9000'"),
     (["--config", "/no/such.toml"], "config file '/no/such.toml' does not exist"),
+    (["--device", "tpu"], "device must be auto, cpu, cuda or cuda:N, got 'tpu'$"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, match):
     from bissl_fast.cli import main
@@ -175,6 +217,25 @@ def test_cli_flags_override_the_config_file(tmp_path, capsys):
     toml.write_text('[model]\narhc = "tiny_cnn"\n')
     assert main(["run", "--config", str(toml)]) == 2
     assert "unknown keys ['arhc']" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,message", [
+    ('projector_batchnorm = "no"', "projector_batchnorm must be true or false, got 'no'"),
+    ("stages = 2.5", "stages must be an integer, got 2.5"),
+    ('upper_lr = "0.1"', "upper_lr must be a number, got '0.1'"),
+    ("data_root = 3", "data_root must be a string or unset, got 3"),
+    ("progress = 1", "progress must be true or false, got 1"),
+])
+def test_config_values_of_the_wrong_type_are_refused(tmp_path, text, message):
+    toml = tmp_path / "c.toml"
+    toml.write_text(text + "\n")
+    with pytest.raises(TypeError, match="^" + __import__("re").escape(message) + "$"):
+        config_from_toml(toml)
+
+
+def test_integer_learning_rates_are_numbers():
+    toml_value = PipelineConfig(upper_lr=1, device="cpu").upper_lr
+    assert toml_value == 1.0 and isinstance(toml_value, float)
 
 
 def test_every_setting_has_help():
@@ -209,3 +270,21 @@ def test_paper_augmentations_work_in_unit_range_and_need_rgb(tmp_path):
         assert torch.allclose(aug.downstream(grey), grey, atol=1e-5)  # crops and flips of a constant image
     with pytest.raises(ValueError, match="augment='paper' needs RGB"):
         run_pipeline(tiny(tmp_path, augment="paper"))
+
+
+def test_data_change_names_what_differs():
+    from bissl_fast.data.tensors import ImageDataset
+    from bissl_fast.experiments.pipeline.inputs import data_change, data_fingerprint
+
+    images = torch.rand(4, 1, 3, 3)
+    labels = torch.tensor([0, 1, 0, 1])
+    saved = data_fingerprint(ImageDataset(images, labels, ["a", "b"], "digits"), None)
+    assert data_change(saved, data_fingerprint(ImageDataset(images.clone(), labels.clone(), ["a", "b"], "digits"), None)) is None
+    other = data_fingerprint(ImageDataset(torch.cat([images, images[:1]]), torch.cat([labels, labels[:1]]), ["a", "b"], "x"), None)
+    assert data_change(saved, other) == "other images were loaded (5 now, 4 before)"
+    relabeled = data_fingerprint(ImageDataset(images, labels.flip(0), ["a", "b"], "digits"), None)
+    assert data_change(saved, relabeled) == "other images were loaded (4 now, 4 before)"
+    folders = {name: [10, 100, 1] for name in "abcde"}
+    changed = dict(other, folders={**{name: [9, 90, 2] for name in "abcd"}, "e": [10, 100, 2]})
+    assert data_change(dict(saved, folders=folders), changed) == (
+        "'a' has 9 files, had 10, 'b' has 9 files, had 10, 'c' has 9 files, had 10 and 2 more changes")

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-from .timing import best_time, calibrate, machine_load, percentile
+from .._machine import calibrate, machine_load, percentile
+from .timing import best_time
 
 DEFAULT_SUITE_DIR = Path(__file__).resolve().parent / "suites"
 README_START = "<!-- bench-cpu:start"

@@ -1,4 +1,4 @@
-"""Timing primitives of the benchmarks (docs/design.md §5): interleaved speedup ratios, floors, machine load.
+"""Timing primitives of the benchmarks (docs/design.md §5): interleaved speedup ratios and floors.
 
 - ``interleaved_ratio`` times a reference and a fast path alternately in one process, one call of
   each per round (the order flips every round), and reports the median of the per-round ratios
@@ -9,13 +9,13 @@
 - ``measure_floor`` gives a time the bounded op cannot beat: the best of many rounds of the
   fastest primitive that does the op's unavoidable work at the op's own size (streaming reads of
   its unique bytes, or its GEMMs), with the same threads.
-- ``calibrate`` times a fixed kernel; ``machine_load`` compares two calibrations (before and after a
-  suite) and the load average, and says whether the machine was busy while the suite ran.
+
+Whether the machine was busy while a suite ran is the library core's question
+(:mod:`bissl_fast._machine`: ``calibrate``, ``machine_load``), since ``bissl-fast run`` asks it too.
 """
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -23,15 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile of ``values`` (``q`` in [0, 1]): always one of the measured values."""
-    if not values:
-        raise ValueError("percentile of an empty list")
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"percentile q must be in [0, 1], got {q}")
-    ordered = sorted(values)
-    return ordered[round(q * (len(ordered) - 1))]
+from .._machine import percentile
 
 
 def _synchronizer(device: torch.device) -> Callable[[], None]:
@@ -199,67 +191,3 @@ def measure_floor(spec: StreamFloor | GemmFloor, device: torch.device, dtype: to
         raise TypeError(f"unknown floor spec {spec!r}")
     _floor_cache[key] = seconds
     return seconds
-
-
-def calibrate(device: torch.device = torch.device("cpu"), rounds: int = 25) -> dict[str, float]:
-    """Times of a fixed kernel (a 384x384 fp32 matmul and an exp over 1 M elements), current threads.
-
-    Returns ``best_s``, ``median_s`` and ``p80_s`` of ``rounds`` calls, the 1-minute load average
-    (CPU; -1 where the OS has none) and the thread count. On an idle machine median/best stays
-    close to 1; another process on the cores stretches the median and the tail.
-    """
-    gen = torch.Generator().manual_seed(0)
-    a = torch.randn(384, 384, generator=gen).to(device)
-    x = torch.randn(1 << 20, generator=gen).to(device)
-    sync = _synchronizer(device)
-
-    def kernel() -> None:
-        torch.mm(a, a)
-        torch.exp(x)
-
-    kernel()
-    sync()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        kernel()
-        sync()
-        times.append(time.perf_counter() - start)
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = -1.0
-    return {
-        "best_s": min(times),
-        "median_s": statistics.median(times),
-        "p80_s": percentile(times, 0.8),
-        "loadavg_1min": load,
-        "threads": float(torch.get_num_threads()),
-    }
-
-
-# A calibration whose median is more than this over its own best, or over the other
-# calibration's best, means something else was running on the cores.
-LOADED_STRETCH = 1.25
-
-
-def machine_load(
-    before: dict[str, float], after: dict[str, float], cpu_count: int | None = None, use_loadavg: bool = True
-) -> dict[str, Any]:
-    """Verdict on whether the machine was loaded around a suite, from two ``calibrate`` results.
-
-    Loaded when either calibration's median is ``LOADED_STRETCH`` x the best of both, or (with
-    ``use_loadavg``) when the load average before the suite exceeds half the cores; pass
-    ``use_loadavg=False`` when our own earlier work is still in that average. Returns
-    ``{"loaded": bool, "reasons": [str, ...], "before": ..., "after": ...}``.
-    """
-    cores = cpu_count or os.cpu_count() or 1
-    best = min(before["best_s"], after["best_s"])
-    reasons = []
-    for name, cal in (("before", before), ("after", after)):
-        stretch = cal["median_s"] / best
-        if stretch > LOADED_STRETCH:
-            reasons.append(f"calibration kernel {name} the suite: median {stretch:.2f}x its best")
-    if use_loadavg and before["loadavg_1min"] > 0.5 * cores:
-        reasons.append(f"load average {before['loadavg_1min']:.2f} on {cores} cores before the suite")
-    return {"loaded": bool(reasons), "reasons": reasons, "before": before, "after": after}

@@ -15,6 +15,12 @@ import triton.language as tl
 
 from .._alloc import empty_output
 from ..reference import NORMALIZE_EPS
+from .triton_routes import TRITON_TYPES, RoutedKernel, Route, Tile, pointer
+
+
+#: The kernels the launchers call. They do not specialize on B, which only bounds masks: one compile
+#: per route serves every batch size.
+_launched = triton.jit(do_not_specialize=["B"])
 
 
 @triton.jit
@@ -63,7 +69,7 @@ def _row_sums(P, T, pid, B, D, ACC: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D
     return pp, tt, pt
 
 
-@triton.jit
+@_launched
 def _byol_fwd_kernel(P, T, OUT, B, D, ACC: tl.constexpr, EPS: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -73,7 +79,7 @@ def _byol_fwd_kernel(P, T, OUT, B, D, ACC: tl.constexpr, EPS: tl.constexpr,
     tl.store(OUT + rows, (2.0 - 2.0 * c).to(OUT.dtype.element_ty), mask=rows < B)
 
 
-@triton.jit
+@_launched
 def _byol_bwd_kernel(G, P, T, DP, DT, B, D, T_GRAD: tl.constexpr, ACC: tl.constexpr, EPS: tl.constexpr,
                      BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -94,7 +100,7 @@ def _byol_bwd_kernel(G, P, T, DP, DT, B, D, T_GRAD: tl.constexpr, ACC: tl.conste
             tl.store(DT + offs, (k_tt[:, None] * y + cross[:, None] * x).to(DT.dtype.element_ty), mask=mask)
 
 
-@triton.jit
+@_launched
 def _byol_hvp_kernel(G, P, T, WP, WT, DG, DP, DT, B, D, HAS_WT: tl.constexpr, T_GRAD: tl.constexpr,
                      ACC: tl.constexpr, EPS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr):
     pid = tl.program_id(0)
@@ -158,11 +164,37 @@ def _byol_hvp_kernel(G, P, T, WP, WT, DG, DP, DT, B, D, HAS_WT: tl.constexpr, T_
             tl.store(DT + offs, dt.to(DT.dtype.element_ty), mask=mask)
 
 
-def _config(b: int, d: int) -> tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_D, num_warps): chunks of at most 4096 elements, rows packed when D is small."""
-    block_d = min(triton.next_power_of_2(d), 1024)
-    block_b = max(1, min(triton.next_power_of_2(b), 4096 // block_d))
-    num_warps = 4 if block_b * block_d <= 2048 else 8
+#: Elements of one program's row block (rows x BLOCK_D) per kernel, halved for fp64: the HVP keeps
+#: four inputs of its row block in registers, and larger blocks spilled on sm_90 (docs/design.md §2.2).
+_BLOCK_ELEMENTS = {"fwd": 4096, "bwd": 4096, "hvp": 2048}
+#: A row block of up to this many bytes (in the accumulation type) runs on 4 warps, a larger one on 8
+#: (with 8 warps ptxas held 8 KiB HVP blocks to 64 registers per thread, and spilled).
+_FOUR_WARP_BYTES = 8192
+_MAX_BLOCK_D = 1024
+#: Narrower rows are padded to this: one compile serves every small D.
+_MIN_BLOCK_D = 64
+#: Per-row values (sums, coefficients) live in registers once per row: more rows per program than
+#: this spill them when D is small.
+_MAX_BLOCK_B = 64
+
+_ROUTED = {fn.__name__: RoutedKernel(fn, interpret_tile=None)
+           for fn in (_byol_fwd_kernel, _byol_bwd_kernel, _byol_hvp_kernel)}
+#: Pointer arguments of each kernel, in order (all in the rows' dtype).
+_POINTERS = {
+    "_byol_fwd_kernel": ("P", "T", "OUT"),
+    "_byol_bwd_kernel": ("G", "P", "T", "DP", "DT"),
+    "_byol_hvp_kernel": ("G", "P", "T", "WP", "WT", "DG", "DP", "DT"),
+}
+
+
+def _config(kernel: str, b: int, d: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_B, BLOCK_D, num_warps) of ``kernel`` for ``[b, d]`` rows: D in chunks of at most 1024, rows
+    packed when D is small."""
+    accumulator_bytes = 8 if dtype == torch.float64 else 4
+    elements = _BLOCK_ELEMENTS[kernel] * 4 // accumulator_bytes
+    block_d = min(max(triton.next_power_of_2(d), _MIN_BLOCK_D), _MAX_BLOCK_D)
+    block_b = max(1, min(triton.next_power_of_2(b), elements // block_d, _MAX_BLOCK_B))
+    num_warps = 4 if block_b * block_d * accumulator_bytes <= _FOUR_WARP_BYTES else 8
     return block_b, block_d, num_warps
 
 
@@ -170,14 +202,36 @@ def _acc(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def route(kernel: str, dtype: torch.dtype, b: int, d: int, **flags: bool) -> Route:
+    """The route of ``kernel`` (``fwd``, ``bwd``, ``hvp``) for ``[b, d]`` rows of ``dtype``; ``flags``
+    are its ``T_GRAD`` / ``HAS_WT`` constexprs."""
+    fn = _ROUTED[f"_byol_{kernel}_kernel"]
+    block_b, block_d, warps = _config(kernel, b, d, dtype)
+    signature = tuple((name, pointer(dtype)) for name in _POINTERS[fn.name]) + (("B", "i32"), ("D", "i32"))
+    constexprs = {**flags, "ACC": _acc(dtype), "EPS": NORMALIZE_EPS, "BLOCK_B": block_b, "BLOCK_D": block_d}
+    # Three stages is triton's default for a plain launch: the loads of the D loop are pipelined.
+    tile = Tile((), warps, num_stages=3)
+    name = " ".join([f"byol {kernel} {TRITON_TYPES[dtype]} {block_b}x{block_d}", *(k for k, v in flags.items() if v)])
+    return Route(name, fn, signature, tuple(constexprs.items()), (tile,))
+
+
+def routes(dtype: torch.dtype, d: int, b: int = 1 << 20) -> list[Route]:
+    """Every route of rows ``[b, d]`` of ``dtype`` (each flag combination); by default full row blocks."""
+    return [route("fwd", dtype, b, d)] + [route("bwd", dtype, b, d, T_GRAD=t) for t in (False, True)] + [
+        route("hvp", dtype, b, d, HAS_WT=w, T_GRAD=t) for w in (False, True) for t in (False, True)
+    ]
+
+
+def _grid(b: int, r: Route) -> tuple[int]:
+    return (triton.cdiv(b, dict(r.constexprs)["BLOCK_B"]),)
+
+
 def fwd(p: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """Per-row ``2 - 2 cos(p_b, t_b)``: ``p, t`` contiguous ``[B, D]`` -> ``[B]``."""
     b, d = p.shape
     out = empty_output(b, dtype=p.dtype, device=p.device)
-    block_b, block_d, warps = _config(b, d)
-    _byol_fwd_kernel[(triton.cdiv(b, block_b),)](
-        p, t, out, b, d, ACC=_acc(p.dtype), EPS=NORMALIZE_EPS, BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps
-    )
+    r = route("fwd", p.dtype, b, d)
+    r.launch(_grid(b, r), p, t, out, b, d)
     return out
 
 
@@ -186,11 +240,8 @@ def bwd(grad: torch.Tensor, p: torch.Tensor, t: torch.Tensor, t_grad: bool) -> t
     b, d = p.shape
     dp = empty_output(b, d, dtype=p.dtype, device=p.device)
     dt = empty_output(b, d, dtype=p.dtype, device=p.device) if t_grad else empty_output(0, dtype=p.dtype, device=p.device)
-    block_b, block_d, warps = _config(b, d)
-    _byol_bwd_kernel[(triton.cdiv(b, block_b),)](
-        grad, p, t, dp, dt if t_grad else dp, b, d, T_GRAD=t_grad, ACC=_acc(p.dtype), EPS=NORMALIZE_EPS,
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
-    )
+    r = route("bwd", p.dtype, b, d, T_GRAD=t_grad)
+    r.launch(_grid(b, r), grad, p, t, dp, dt if t_grad else dp, b, d)
     return dp, dt
 
 
@@ -202,10 +253,6 @@ def hvp(
     dg = empty_output(b, dtype=p.dtype, device=p.device)
     dp = empty_output(b, d, dtype=p.dtype, device=p.device)
     dt = empty_output(b, d, dtype=p.dtype, device=p.device) if t_grad else empty_output(0, dtype=p.dtype, device=p.device)
-    block_b, block_d, warps = _config(b, d)
-    _byol_hvp_kernel[(triton.cdiv(b, block_b),)](
-        grad, p, t, wp, wp if wt is None else wt, dg, dp, dt if t_grad else dp, b, d,
-        HAS_WT=wt is not None, T_GRAD=t_grad, ACC=_acc(p.dtype), EPS=NORMALIZE_EPS,
-        BLOCK_B=block_b, BLOCK_D=block_d, num_warps=warps,
-    )
+    r = route("hvp", p.dtype, b, d, HAS_WT=wt is not None, T_GRAD=t_grad)
+    r.launch(_grid(b, r), grad, p, t, wp, wp if wt is None else wt, dg, dp, dt if t_grad else dp, b, d)
     return dg, dp, dt

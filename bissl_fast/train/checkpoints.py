@@ -10,7 +10,10 @@ line; :class:`LoadReport` lists what was loaded and what was ignored.
 """
 from __future__ import annotations
 
+import glob
 import os
+import pickle
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -37,21 +40,45 @@ class LoadReport:
         return f"loaded {len(self.loaded)} tensors (prefix {self.prefix!r}), ignored {len(self.ignored)} checkpoint keys"
 
 
-def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """A flat ``{name: tensor}`` from a file or mapping, unwrapping known containers.
+def _unpickling_error(path: str, message: str) -> str:
+    """One line for a refusal of torch's weights-only unpickler, from its long message (ANSI codes removed)."""
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", message)
+    code = re.search(r"unsupported (?:global: )?GLOBAL [\w.]+", plain, re.IGNORECASE)
+    if code:
+        return (f"checkpoint {path!r} holds more than tensors ({code.group(0)}), and a weights-only load runs no code "
+                "from a file; if you trust it, load it with torch.load(weights_only=False) and save its state dict")
+    found = re.search(r"unsupported operand \d+", plain, re.IGNORECASE)
+    reason = found.group(0) if found else plain.strip().splitlines()[0]
+    return f"checkpoint {path!r} is not a file torch.save wrote, or is damaged (torch.load(weights_only=True): {reason})"
 
-    Files load with ``torch.load(..., weights_only=True)`` (no code from the file runs).
+
+def load_file(path: str | os.PathLike) -> Any:
+    """``torch.load(path, map_location="cpu", weights_only=True)``: no code from the file runs.
+
+    Raises one line: ``FileNotFoundError`` for a missing path, ``IsADirectoryError`` for a folder,
+    ``ValueError`` for an empty or damaged file, a file ``torch.save`` did not write, or one that holds
+    objects besides tensors and plain containers (only a trusted ``weights_only=False`` load builds those).
     """
-    if isinstance(source, Mapping):
-        state: Any = source
-    else:
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise ValueError(f"cannot read checkpoint {path!r} with torch.load(weights_only=True): {exc}") from exc
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path!r} is a directory; give the checkpoint file inside it")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"checkpoint {path!r} is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(_unpickling_error(path, str(exc))) from exc
+    except Exception as exc:
+        detail = " ".join(str(exc).split()) or "the file ends early"
+        raise ValueError(f"cannot read checkpoint {path!r} with torch.load(weights_only=True): {type(exc).__name__}: "
+                         f"{detail}") from exc
+
+
+def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """A flat ``{name: tensor}`` from a file (read by :func:`load_file`) or mapping, unwrapping known containers."""
+    state: Any = source if isinstance(source, Mapping) else load_file(source)
     for _ in range(3):
         if not isinstance(state, Mapping):
             break
@@ -136,10 +163,15 @@ def load_weights(
     return LoadReport(prefix=prefix, loaded=list(mapped), ignored=ignored)
 
 
+def _temporary(path: str, pid: int) -> str:
+    return f"{path}.tmp-{pid}"
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save(obj, path)`` through a temporary file and ``os.replace``: a kill mid-write leaves the old file."""
+    """``torch.save(obj, path)`` through a temporary file and ``os.replace``: a kill mid-write leaves the old file
+    (and the temporary ``<path>.tmp-<pid>``, which :func:`remove_stale_temporaries` clears)."""
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
+    tmp = _temporary(path, os.getpid())
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
@@ -151,4 +183,33 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
             os.remove(tmp)
 
 
-__all__ = ["CONTAINER_KEYS", "HEAD_PREFIXES", "LoadReport", "load_weights", "read_checkpoint", "save_atomic"]
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """Delete the ``<path>.tmp-<pid>`` files that :func:`save_atomic` left when killed mid-write.
+
+    Only names of exactly that form, and only when process ``pid`` is gone on this machine: a
+    process still writing keeps its file. Returns ``(file, bytes)`` of each file removed.
+    """
+    path = os.fspath(path)
+    removed = []
+    for tmp in glob.glob(glob.escape(path) + ".tmp-*"):
+        pid = tmp[len(path) + len(".tmp-"):]
+        if not pid.isdigit() or tmp != _temporary(path, int(pid)) or _process_alive(int(pid)):
+            continue
+        size = os.path.getsize(tmp)
+        os.remove(tmp)
+        removed.append((tmp, size))
+    return removed
+
+
+__all__ = ["CONTAINER_KEYS", "HEAD_PREFIXES", "LoadReport", "load_file", "load_weights", "read_checkpoint",
+           "remove_stale_temporaries", "save_atomic"]

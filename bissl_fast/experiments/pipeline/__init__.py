@@ -15,10 +15,11 @@ the result of an uninterrupted one:
 4. **finetune** -- fine-tune from the LOWER BiSSL backbone with a fresh linear head (SGD momentum
    0.9, cosine), and the pretext backbone the same way as the baseline; an optional random search
    of lr / weight decay on a validation split, then ``seeds`` seeds at the chosen values; top-1
-   and top-5 on a held-out test split.
+   (and top-5 with more than 5 classes) accuracy in percent on a held-out test split.
 
-Every stage appends JSON lines to ``<out>/log.jsonl`` (losses, CG residuals, throughput, lr),
-and to TensorBoard with ``tensorboard=True`` when it is installed. Under ``torchrun`` every
+A resume is refused when the settings or the loaded data differ from the checkpoint's. Every stage
+appends JSON lines to ``<out>/log.jsonl`` (losses, CG residuals, throughput, lr), and to TensorBoard
+with ``tensorboard=True`` when it is installed, and shows a progress bar on rank 0. Under ``torchrun`` every
 process runs this function; batches are split over ranks (the global batch sizes stay those of the
 config), gradients are averaged over ranks, and rank 0 writes checkpoints and logs.
 """

@@ -3,6 +3,7 @@ lines, the TOML reader, and which settings a resumed run must share with the run
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -82,9 +83,12 @@ class PipelineConfig:
     out: str = "bissl_run"
     resume: bool = True
     tensorboard: bool = False
-    progress: bool | None = None
+    progress: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for name, choices in (("data", _DATASETS), ("augment", _AUGMENTS), ("pretext", ("simclr", "byol")),
                               ("solver", ("reuse", "recompute"))):
             if getattr(self, name) not in choices:
@@ -116,6 +120,28 @@ class PipelineConfig:
             check_int_at_least("image_size", self.image_size, 4)
         # BiSSLConfig checks the rest of the BiSSL settings (lam + damping > 0, byol_momentum range).
         self.bissl_config()
+
+    def _check_types(self) -> None:
+        """Each value has its field's type (a TOML file can hold any): bool, int, float (an int is
+        taken as a float), str, or None where the field allows it."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            kinds = str(f.type).split(" | ")
+            if value is None and "None" in kinds:
+                continue
+            if "bool" in kinds:
+                ok, expected = isinstance(value, bool), "true or false"
+            elif "int" in kinds:
+                ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+            elif "float" in kinds:
+                ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+                if ok:
+                    setattr(self, f.name, float(value))
+            else:
+                ok, expected = isinstance(value, str), "a string"
+            if not ok:
+                expected += " or unset" if "None" in kinds else ""
+                raise TypeError(f"{f.name} must be {expected}, got {value!r}")
 
     def bissl_config(self) -> BiSSLConfig:
         return BiSSLConfig(
@@ -182,7 +208,7 @@ FIELD_HELP = {
     "out": "output folder (checkpoint.pt, log.jsonl, summary.json, bissl_backbones.pt)",
     "resume": "continue from <out>/checkpoint.pt when it exists",
     "tensorboard": "also write TensorBoard scalars (needs tensorboard)",
-    "progress": "progress over BiSSL stages: a tqdm bar, or plain lines without tqdm",
+    "progress": "progress bars of every stage (tqdm when installed, else plain lines every 10 s)",
 }
 
 #: Fields that may differ between a run and its resume (they do not change the result).

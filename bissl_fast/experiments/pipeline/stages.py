@@ -1,5 +1,5 @@
 """The pipeline's stages besides BiSSL itself: SimCLR/BYOL pretraining, the head warm-up, the BiSSL
-trainer's construction, fine-tuning with its learning-rate search, and top-1 / top-5 evaluation."""
+trainer's construction, fine-tuning with its learning-rate search, and top-1 / top-5 evaluation (in percent)."""
 from __future__ import annotations
 
 import copy
@@ -19,7 +19,7 @@ from ...train.optim import LARS, warmup_cosine
 from ...train.trainer import BiSSLTrainer
 from .config import PipelineConfig
 from .inputs import Augment, Splits, make_loader
-from .runtime import RunLog, autocast, average_gradients
+from .runtime import Bar, RunLog, autocast, average_gradients
 
 
 def pretrain(cfg: PipelineConfig, model: ProjectionModel, loader: Any, aug: Augment, log: RunLog) -> None:
@@ -28,29 +28,31 @@ def pretrain(cfg: PipelineConfig, model: ProjectionModel, loader: Any, aug: Augm
     sched = warmup_cosine(opt, cfg.pretext_warmup_epochs * len(loader), max(cfg.pretext_epochs * len(loader), 1))
     ema = EMATarget([model.backbone, model.head], momentum=cfg.byol_momentum) if cfg.pretext == "byol" else None
     params = list(model.parameters())
-    for epoch in range(cfg.pretext_epochs):
-        t0, losses = time.perf_counter(), []
-        for xb in loader:
-            views = aug.views(xb)
-            with autocast(cfg):
-                if ema is None:
-                    loss = simclr_loss(torch.cat([model(v) for v in views]), cfg.temperature, 2, "auto")
-                else:
-                    p1, p2 = (model.predictor(model(v)) for v in views)
-                    with torch.no_grad():
-                        t1, t2 = (ema.modules[1](ema.modules[0](v)) for v in views)
-                    loss = byol_pair_loss(p1, p2, t1, t2, "auto")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(params)
-            lr = opt.param_groups[0]["lr"]
-            opt.step()
-            sched.step()
-            if ema is not None:
-                ema.update()
-            losses.append(float(loss.detach()))
-        log.write({"phase": "pretext", "epoch": epoch, "loss": statistics.fmean(losses), "lr": lr,
-                   "steps_per_s": len(losses) / (time.perf_counter() - t0)}, step=epoch)
+    with log.bar(cfg.pretext_epochs * len(loader), f"{cfg.pretext} pretraining", "step") as bar:
+        for epoch in range(cfg.pretext_epochs):
+            t0, losses = time.perf_counter(), []
+            for xb in loader:
+                views = aug.views(xb)
+                with autocast(cfg):
+                    if ema is None:
+                        loss = simclr_loss(torch.cat([model(v) for v in views]), cfg.temperature, 2, "auto")
+                    else:
+                        p1, p2 = (model.predictor(model(v)) for v in views)
+                        with torch.no_grad():
+                            t1, t2 = (ema.modules[1](ema.modules[0](v)) for v in views)
+                        loss = byol_pair_loss(p1, p2, t1, t2, "auto")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(params)
+                lr = opt.param_groups[0]["lr"]
+                opt.step()
+                sched.step()
+                if ema is not None:
+                    ema.update()
+                losses.append(float(loss.detach()))
+                bar.update(loss=losses[-1])
+            log.write({"phase": "pretext", "epoch": epoch, "loss": statistics.fmean(losses), "lr": lr,
+                       "steps_per_s": len(losses) / (time.perf_counter() - t0)})
 
 
 def train_head(cfg: PipelineConfig, model: Classifier, splits: Splits, aug: Augment, log: RunLog) -> None:
@@ -61,19 +63,21 @@ def train_head(cfg: PipelineConfig, model: Classifier, splits: Splits, aug: Augm
     opt = torch.optim.SGD(model.head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
     model.train()
     head_params = list(model.head.parameters())
-    for epoch in range(cfg.warmup_epochs):
-        losses = []
-        for xb, yb in loader:
-            with autocast(cfg):
-                with torch.no_grad():
-                    feats = model.backbone(aug.downstream(xb))
-                loss = F.cross_entropy(model.head(feats), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(head_params)
-            opt.step()
-            losses.append(float(loss.detach()))
-        log.write({"phase": "warmup", "epoch": epoch, "loss": statistics.fmean(losses), "lr": lr}, step=epoch)
+    with log.bar(cfg.warmup_epochs * len(loader), "head warm-up", "step") as bar:
+        for epoch in range(cfg.warmup_epochs):
+            losses = []
+            for xb, yb in loader:
+                with autocast(cfg):
+                    with torch.no_grad():
+                        feats = model.backbone(aug.downstream(xb))
+                    loss = F.cross_entropy(model.head(feats), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                average_gradients(head_params)
+                opt.step()
+                losses.append(float(loss.detach()))
+                bar.update(loss=losses[-1])
+            log.write({"phase": "warmup", "epoch": epoch, "loss": statistics.fmean(losses), "lr": lr})
 
 
 def make_trainer(
@@ -97,27 +101,37 @@ def make_trainer(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 512) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (fractions) of ``model`` on ``(x, y)`` in eval mode."""
+    """Accuracy of ``model`` on images ``x`` ``[N, C, H, W]`` with labels ``y`` ``[N]``, in eval mode, in percent.
+
+    Returns ``{"top1_percent": ...}``, and ``"top5_percent"`` when the model has more than 5
+    classes (with 5 or fewer every label is in the top 5).
+    """
     was_training = model.training
     model.eval()
     top1 = top5 = 0
+    classes = 0
     for i in range(0, x.shape[0], batch):
         logits = model(x[i : i + batch]).float()
-        k = min(5, logits.shape[1])
-        best = logits.topk(k, dim=1).indices
+        classes = logits.shape[1]
+        best = logits.topk(min(5, classes), dim=1).indices
         target = y[i : i + batch, None]
         top1 += int((best[:, :1] == target).sum())
         top5 += int((best == target).any(dim=1).sum())
     model.train(was_training)
     n = max(x.shape[0], 1)
-    return {"top1": top1 / n, "top5": top5 / n}
+    accuracy = {"top1_percent": 100 * top1 / n}
+    if classes > 5:
+        accuracy["top5_percent"] = 100 * top5 / n
+    return accuracy
 
 
 def finetune(
     cfg: PipelineConfig, backbone: nn.Module, feature_dim: int, splits: Splits, aug: Augment, *, lr: float,
-    weight_decay: float, seed: int, x_eval: torch.Tensor, y_eval: torch.Tensor, log: RunLog | None = None, name: str = "",
+    weight_decay: float, seed: int, x_eval: torch.Tensor, y_eval: torch.Tensor, bar: Bar, log: RunLog | None = None,
+    name: str = "",
 ) -> dict[str, float]:
-    """Fine-tune a copy of ``backbone`` with a fresh linear head (SGD momentum 0.9, cosine); accuracy on ``(x_eval, y_eval)``."""
+    """Fine-tune a copy of ``backbone`` with a fresh linear head (SGD momentum 0.9, cosine); :func:`evaluate` on
+    ``(x_eval, y_eval)``. ``bar`` advances once per epoch; with ``log``, every epoch is logged as a run of ``name``."""
     torch.manual_seed(seed)
     model = Classifier(copy.deepcopy(backbone), feature_dim, splits.num_classes).to(splits.x_train.device)
     loader = make_loader(splits.x_train, splits.y_train, cfg.finetune_batch_size, 1000 + seed)
@@ -136,6 +150,7 @@ def finetune(
             opt.step()
             sched.step()
             losses.append(float(loss.detach()))
+        bar.update(loss=statistics.fmean(losses))
         if log is not None:
             log.write({"phase": "finetune", "init": name, "seed": seed, "epoch": epoch, "loss": statistics.fmean(losses),
                        "lr": opt.param_groups[0]["lr"]})

@@ -1,0 +1,6 @@
+"""``python -m bissl_fast``: the ``bissl-fast`` command."""
+import sys
+
+from .cli import main
+
+sys.exit(main())
