@@ -159,3 +159,21 @@ def test_hvp_of_k_cotangents_through_the_loss_matches_reference_fp32():
     got = hvps(lambda a: byol_loss(a, p2, t1, t2, backend="cpp"), p1, vs)
     want = hvps(lambda a: reference.byol_loss(a, p2.double(), t1.double(), t2.double()), p1.double(), vs.double())
     assert_close_rel("batched HVP", got, want, 1e-5)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_wt,t_grad", [(False, False), (True, True)])
+def test_triton_hvp_batched_equals_one_cotangent_at_a_time(dtype, with_wt, t_grad):
+    """One launch for every cotangent, each program's row norms reduced once: per cotangent the single
+    launch's result, bit for bit."""
+    g, p, t, wp, wt = _rows(7, 70, dtype, "cpu", k=3)
+    dgrad, dp, dt = torch.ops.bissl_fast.byol_triton_hvp_batched(g, p, t, wp, wt if with_wt else None, t_grad)
+    for j in range(3):
+        ref = byol_mod.TRITON_OPS.hvp(g, p, t, wp[j], wt[j] if with_wt else None, t_grad)
+        assert torch.equal(dgrad[j], ref[0]) and torch.equal(dp[j], ref[1])
+        if t_grad:
+            assert torch.equal(dt[j], ref[2])
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.bissl_fast.byol_triton_hvp_batched.default,
+                          (g, p, t, wp, wt if with_wt else None, t_grad), test_utils=tests)

@@ -149,3 +149,45 @@ def test_batched_ops_are_not_differentiable_on_their_own():
     grad_u, _ = ops.nt_xent_lse_double_backward_batched(u, lse, c, w, INV_TAU, "torch", "ieee")
     with pytest.raises(RuntimeError, match="has no autograd formula of its own"):
         grad_u.sum().backward()
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,d", [(21, 5), (40, 70)])
+def test_triton_batched_launch_equals_one_vector_at_a_time(dtype, n, d):
+    """The vector index on the third grid axis: each vector's result is the single launch's, bit for bit;
+    through the ops under torch.func.vmap as well."""
+    from bissl_fast.kernels import nt_xent_triton
+
+    k = 3
+    u = F.normalize(torch.randn(n, d), dim=1).to(dtype)
+    lse = nt_xent_triton.lse_forward(u, INV_TAU, "ieee")
+    w = torch.randn(k, n, d).to(dtype)
+    for c in (torch.rand(n) + 0.1, torch.rand(k, n)):
+        grad_u, r = nt_xent_triton.lse_double_backward_batched(u, lse, c, w, INV_TAU, "ieee")
+        for j in range(k):
+            ref = nt_xent_triton.lse_double_backward(u, lse, c if c.dim() == 1 else c[j], w[j], INV_TAU, "ieee")
+            assert torch.equal(grad_u[j], ref[0]) and torch.equal(r[j], ref[1])
+    cs = torch.rand(k, n)
+    out = nt_xent_triton.lse_backward_batched(u, lse, cs, INV_TAU, "ieee")
+    for j in range(k):
+        assert torch.equal(out[j], nt_xent_triton.lse_backward(u, lse, cs[j], INV_TAU, "ieee"))
+    c = torch.rand(n) + 0.1
+    vmapped = torch.func.vmap(lambda wj: ops.nt_xent_lse_double_backward(u, lse, c, wj, INV_TAU, "triton", "ieee"))(w)
+    assert torch.equal(vmapped[0], nt_xent_triton.lse_double_backward_batched(u, lse, c, w, INV_TAU, "ieee")[0])
+
+
+@pytest.mark.triton
+def test_triton_hvp_batched_through_the_loss_matches_reference():
+    """matmat-style products w.r.t. the embeddings through the Triton loss against the fp64 reference."""
+    z = torch.randn(12, 9)
+    vs = torch.randn(4, 12, 9)
+
+    def hvps(loss_fn, x, cotangents):
+        x = x.detach().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_fn(x), x, create_graph=True)
+        return torch.func.vmap(lambda v: torch.autograd.grad(grad, x, v, retain_graph=True)[0])(cotangents)
+
+    got = hvps(lambda x: nt_xent(x, temperature=0.3, backend="triton"), z, vs)
+    want = hvps(lambda x: reference.nt_xent(x, temperature=0.3), z.double(), vs.double())
+    assert_close_rel("batched HVP", got, want, 1e-5)

@@ -35,7 +35,7 @@ from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor, check_same_device, check_same_shape
 from ._registration import assume_constant_result, define_op
 from ._transforms import for_transforms, transforms_active
-from .byol_batching import register_batched_hvp, register_batching_rules
+from .byol_batching import batched_hvp_fake, register_batched_hvp, register_batching_rules
 
 
 @dataclass(frozen=True)
@@ -169,10 +169,19 @@ def _triton_hvp(
     )
 
 
+@define_op("bissl_fast::byol_triton_hvp_batched", fake=batched_hvp_fake)
+def _triton_hvp_batched(
+    grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Tensor | None, t_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton_kernels().hvp_batched(
+        grad.contiguous(), p.contiguous(), t.contiguous(), wp.contiguous(),
+        None if wt is None else wt.contiguous(), t_grad,
+    )
+
+
 TRITON_OPS = _RowOps(_triton_fwd, _triton_bwd, _triton_hvp)
 _register_autograd("byol_triton", TRITON_OPS)
-# The Triton kernels take the k vectors as k*B rows of one launch.
-register_batching_rules("byol_triton", TRITON_OPS.fwd, TRITON_OPS.bwd, TRITON_OPS.hvp, None)
+register_batching_rules("byol_triton", TRITON_OPS.fwd, TRITON_OPS.bwd, TRITON_OPS.hvp, _triton_hvp_batched)
 
 
 # ---------------------------------------------------------------------------------------------

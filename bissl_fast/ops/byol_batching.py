@@ -40,10 +40,9 @@ def _on_rows(op: Callable[..., Any], k: int, in_dims, args) -> tuple[Any, Any]:
     return tuple(outputs), tuple(dims)
 
 
-def register_batching_rules(name: str, fwd: Callable, bwd: Callable, hvp: Callable,
-                            hvp_batched: Callable | None) -> None:
+def register_batching_rules(name: str, fwd: Callable, bwd: Callable, hvp: Callable, hvp_batched: Callable) -> None:
     """Rules of ``bissl_fast::{name}_fwd/bwd/hvp``; ``hvp_batched(grad, p, t, wp [k,B,D], wt?, t_grad)`` is the
-    kernel that shares the row norms (None: every batched ``byol_hvp`` runs on ``k*B`` rows)."""
+    op that shares the row norms."""
 
     def fwd_rule(k, in_dims, p, t):
         return _on_rows(fwd, k, in_dims, (p, t))
@@ -52,7 +51,7 @@ def register_batching_rules(name: str, fwd: Callable, bwd: Callable, hvp: Callab
         return _on_rows(bwd, k, in_dims, (grad, p, t, t_grad))
 
     def hvp_rule(k, in_dims, grad, p, t, wp, wt, t_grad):
-        if hvp_batched is None or batched(in_dims, 0, 1, 2):
+        if batched(in_dims, 0, 1, 2):
             return _on_rows(hvp, k, in_dims, (grad, p, t, wp, wt, t_grad))
         wp = broadcast(wp, in_dims[3], k).contiguous()
         wt = None if wt is None else broadcast(wt, in_dims[4], k).contiguous()

@@ -59,15 +59,14 @@ def register_batching_rules(kernels: Callable[[str], ModuleType]) -> None:
 
     def backward_rule(batch_size, in_dims, u, lse, c, inv_tau, backend, precision):
         args = (u, lse, c, inv_tau, backend, precision)
-        # The Triton kernels take one vector per launch.
-        if batched(in_dims, 0, 1) or backend == "triton":
+        if batched(in_dims, 0, 1):
             return per_vector(ops.nt_xent_lse_backward.default, batch_size, in_dims, args)
         c = leading(c, in_dims[2]).contiguous()
         return _backward_batched(u, lse, c, inv_tau, backend, precision), 0
 
     def double_backward_rule(batch_size, in_dims, u, lse, c, w, inv_tau, backend, precision):
         args = (u, lse, c, w, inv_tau, backend, precision)
-        if batched(in_dims, 0, 1) or backend == "triton":
+        if batched(in_dims, 0, 1):
             return per_vector(ops.nt_xent_lse_double_backward.default, batch_size, in_dims, args)
         c = leading(c, in_dims[2]).contiguous()
         w = broadcast(w, in_dims[3], batch_size).contiguous()
