@@ -362,49 +362,47 @@ void bwd_batched_block(const BwdBatchedArgs<S, T>& a, int64_t c0, int64_t c1) {
 
 template <typename S, typename T>
 void dbwd_batched_block(const DbwdBatchedArgs<S, T>& a, int64_t c0, int64_t c1) {
-  const DbwdArgs<S, T>& first = a.base;
-  const Geometry& ly = first.ly;
+  const Geometry& ly = a.base.ly;
   const int64_t nc = c1 - c0;
   const T m = static_cast<T>(ly.n * ly.l);
-  // The cotangent-free sums, once: sum g and sum g (x - mean), in dbwd_block's loop for the same case (so
-  // the results equal the single-tangent op's bit for bit).
-  std::vector<T> s_g(nc, T(0)), s_gx(nc, T(0));
-  if (ly.l == 1 && first.ggx != nullptr) {
-    const T* mu = first.mean + c0;
-    for (int64_t n = 0; n < ly.n; ++n) {
-      const int64_t row = n * ly.c + c0;
-      for (int64_t k = 0; k < nc; ++k) {
-        const T gv = static_cast<T>(first.g[row + k]);
-        s_g[k] += gv;
-        s_gx[k] += gv * (static_cast<T>(first.x[row + k]) - mu[k]);
-      }
-    }
-  } else {
-    for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-      row_sums_bwd<T>(first.g + off, first.x + off, ly.l, first.mean[c0 + k], s_g[k], s_gx[k]);
-    });
-  }
-  std::vector<T> s_gg(nc), s_ggx(nc), s_ggg(nc);
+  // sum g and sum g (x - mean) do not depend on the cotangent: the first cotangent's sweep reduces them with
+  // its own three sums (dbwd_block's loops, so every result equals the single-tangent op's bit for bit), the
+  // later cotangents reduce only their three.
+  std::vector<T> s_g(nc, T(0)), s_gx(nc, T(0)), s_gg(nc), s_ggx(nc), s_ggg(nc);
   std::vector<bn::DbwdCoef<T>> coef(nc);
   for (int64_t j = 0; j < a.k; ++j) {
     const DbwdArgs<S, T> t = a.tangent(j);
     std::fill(s_gg.begin(), s_gg.end(), T(0));
     std::fill(s_ggx.begin(), s_ggx.end(), T(0));
     std::fill(s_ggg.begin(), s_ggg.end(), T(0));
-    if (t.ggx != nullptr && ly.l == 1) {
+    const bool shared_too = j == 0;
+    if (ly.l == 1 && t.ggx != nullptr) {
       const T* mu = t.mean + c0;
       for (int64_t n = 0; n < ly.n; ++n) {
         const int64_t row = n * ly.c + c0;
+        const S *gr = t.g + row, *xr = t.x + row, *ggr = t.ggx + row;
         for (int64_t k = 0; k < nc; ++k) {
-          const T ggv = static_cast<T>(t.ggx[row + k]);
+          const T gv = static_cast<T>(gr[k]), ggv = static_cast<T>(ggr[k]), xc = static_cast<T>(xr[k]) - mu[k];
+          if (shared_too) {
+            s_g[k] += gv;
+            s_gx[k] += gv * xc;
+          }
           s_gg[k] += ggv;
-          s_ggx[k] += ggv * (static_cast<T>(t.x[row + k]) - mu[k]);
-          s_ggg[k] += ggv * static_cast<T>(t.g[row + k]);
+          s_ggx[k] += ggv * xc;
+          s_ggg[k] += ggv * gv;
         }
       }
-    } else if (t.ggx != nullptr) {
+    } else {
       for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
-        row_sums_cotangent<T>(t.ggx + off, t.g + off, t.x + off, ly.l, t.mean[c0 + k], s_gg[k], s_ggx[k], s_ggg[k]);
+        const T mu = t.mean[c0 + k];
+        if (t.ggx != nullptr && shared_too) {
+          row_sums_dbwd<T>(t.ggx + off, t.g + off, t.x + off, ly.l, mu, s_g[k], s_gx[k], s_gg[k], s_ggx[k],
+                           s_ggg[k]);
+        } else if (t.ggx != nullptr) {
+          row_sums_cotangent<T>(t.ggx + off, t.g + off, t.x + off, ly.l, mu, s_gg[k], s_ggx[k], s_ggg[k]);
+        } else if (shared_too) {
+          row_sums_bwd<T>(t.g + off, t.x + off, ly.l, mu, s_g[k], s_gx[k]);
+        }
       });
     }
     for (int64_t k = 0; k < nc; ++k) {
