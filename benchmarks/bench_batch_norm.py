@@ -25,7 +25,7 @@ import time
 
 import pytest
 import torch
-from bench_utils import bench_sizes_full, provider_skip_reason
+from bench_utils import skip_unless_timed
 from torch import nn
 
 from bissl_fast import convert_batchnorm, reference
@@ -35,6 +35,7 @@ from bissl_fast.train.models import PretextModel, SmallResNet
 PROVIDERS = ["reference", "cpp", "cuda"]  # reference first: the speedups are against it
 DBWD_SMALL = [(64, 64, 32, 32), (64, 256, 8, 8)]
 DBWD_FULL = DBWD_SMALL + [(256, 64, 56, 56), (256, 256, 14, 14), (256, 1024, 14, 14)]
+DBWD_QUICK = (64, 256, 8, 8)  # BISSL_BENCH_SIZES=quick: the cheaper CPU shape
 RESNETS = {"small_12px": ((16, 32), 12), "small_32px": ((32, 64, 128), 32)}
 IMAGES = 64
 
@@ -76,18 +77,12 @@ def hvp_case(provider: str, name: str, device: torch.device):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", DBWD_FULL, ids=lambda s: "x".join(map(str, s)))
 def test_batch_norm_dbwd(benchmark_op, bench_device, provider, shape):
-    grid = DBWD_FULL if bench_sizes_full(bench_device) else DBWD_SMALL
-    if shape not in grid:
-        pytest.skip("size not in this device's grid (BISSL_BENCH_SIZES=small|full)")
-    reason = provider_skip_reason(provider, bench_device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_timed(bench_device, provider, shape, DBWD_SMALL, DBWD_FULL, quick=DBWD_QUICK)
     fn = dbwd_case(provider, shape, bench_device)
     n, c, h, w = shape
     benchmark_op(
         fn, [()], op="batch_norm", provider=provider, mode="dbwd", size={"N": n, "C": c, "H": h, "W": w},
         dtype=torch.float32, device=bench_device, bytes_moved=5 * n * c * h * w * 4,
-        rounds=None if bench_device.type == "cuda" else 5,
         reference=None if provider == "reference" else dbwd_case("reference", shape, bench_device),
     )
 
@@ -102,9 +97,7 @@ def _rel_err(out, ref) -> float:
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("model", list(RESNETS))
 def test_batch_norm_hvp_resnet(benchmark_op, bench_device, provider, model):
-    reason = provider_skip_reason(provider, bench_device)
-    if reason:
-        pytest.skip(reason)
+    skip_unless_timed(bench_device, provider, model, list(RESNETS), list(RESNETS))
     fn, op = hvp_case(provider, model, bench_device)
     if provider != "reference":
         # Same product as PyTorch's BatchNorm before timing. In float32 both differ from the float64
@@ -118,7 +111,7 @@ def test_batch_norm_hvp_resnet(benchmark_op, bench_device, provider, model):
     benchmark_op(
         fn, [()], op="batch_norm_resnet", provider=provider, mode="hvp",
         size={"widths": "-".join(map(str, widths)), "HW": res, "B": IMAGES, "P": sum(p.numel() for p in op.params)},
-        dtype=torch.float32, device=bench_device, rounds=None if bench_device.type == "cuda" else 5,
+        dtype=torch.float32, device=bench_device,
         reference=None if provider == "reference" else hvp_case("reference", model, bench_device)[0],
     )
 

@@ -66,6 +66,4 @@ def test_byol(benchmark_op, bench_device, provider, mode, b, d, dtype):
         size={"B": b, "D": d}, dtype=dtype, device=bench_device,
         reference=None if provider == "reference" else _step(_loss_fn("reference"), mode),
         floor=StreamFloor(bytes_moved), bytes_moved=bytes_moved,
-        # CPU: a fixed number of rounds keeps the suite short (the reference hvp takes ~0.1 s).
-        rounds=None if bench_device.type == "cuda" else 10,
     )

@@ -22,4 +22,4 @@ def test_reference_implicit_grad(benchmark_op, bench_device):
 
     benchmark_op(lambda: reference.implicit_grad(loss_fn, params, v), [()], op="implicit_grad", provider="reference",
                  mode="solve", size={"B": 32, "P": sum(p.numel() for p in params)}, dtype=torch.float32,
-                 device=bench_device, rounds=3)
+                 device=bench_device)

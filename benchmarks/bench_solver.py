@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from bench_utils import bench_sizes_full
+from bench_utils import bench_sizes_full, sizes_timed
 from torch import nn
 
 from bissl_fast import reference
@@ -88,6 +88,7 @@ def _damping(key: tuple, loss_fn, params) -> float:
 
 STAGE_SIZES_SMALL = [("small", 16, 12), ("small3", 16, 12), ("bnconv", 16, 12)]
 STAGE_SIZES_FULL = [("resnet18", 256, 32), ("resnet18", 256, 96), ("resnet50", 256, 32), ("resnet50", 256, 96)]
+STAGE_SIZE_QUICK = ("bnconv", 16, 12)  # BISSL_BENCH_SIZES=quick: the cheapest CPU model
 
 
 @pytest.mark.usefixtures("single_cpu_thread")
@@ -96,8 +97,8 @@ STAGE_SIZES_FULL = [("resnet18", 256, 32), ("resnet18", 256, 96), ("resnet50", 2
 @pytest.mark.parametrize("backbone,batch,res", STAGE_SIZES_SMALL + STAGE_SIZES_FULL)
 def test_upper_stage(benchmark_op, bench_device, backbone, batch, res, loss, provider):
     full = bench_sizes_full(bench_device)
-    if ((backbone, batch, res) in STAGE_SIZES_FULL) != full:
-        pytest.skip("size not in this device's grid (BISSL_BENCH_SIZES=small|full)")
+    if (backbone, batch, res) not in sizes_timed(bench_device, STAGE_SIZES_SMALL, STAGE_SIZES_FULL, STAGE_SIZE_QUICK):
+        pytest.skip("size not in this device's grid (BISSL_BENCH_SIZES=small|full|quick)")
     if provider == "fwd-rev" and not full and backbone != "small":
         pytest.skip("fwd-rev is timed on the first CPU model only (slower than the recompute on CPU)")
     if provider == "rev-rev+fused-bn" and bench_device.type != "cpu":
@@ -125,7 +126,7 @@ def test_upper_stage(benchmark_op, bench_device, backbone, batch, res, loss, pro
         provider=provider, mode=f"{SOLVES}x{CG_ITERS}cg",
         size={"model": backbone, "B": batch, "HW": res, "P": n_params}, dtype=torch.float32, device=bench_device,
         reference=None if provider == "reference" else lambda: _stage("reference", *ref_args, damping),
-        rounds=3, ratio_min_rounds=6, ratio_max_time_s=30.0,
+        ratio_min_rounds=6, ratio_max_time_s=30.0,
     )
 
 

@@ -8,13 +8,36 @@ import torch
 
 from bissl_fast._backends import backends
 
+SIZES_ENV = "BISSL_BENCH_SIZES"
+SIZE_CHOICES = ("auto", "small", "full", "quick")
+
+
+def bench_sizes(device: torch.device) -> str:
+    """The grid timed on ``device``: ``full`` on CUDA, ``small`` on CPU; ``BISSL_BENCH_SIZES`` overrides.
+
+    ``quick`` is one size per op (``sizes_timed``'s ``quick``): what ``bissl-fast bench --quick`` and the
+    regression test of the benchmark flow run.
+    """
+    choice = os.environ.get(SIZES_ENV, "auto")
+    if choice not in SIZE_CHOICES:
+        raise ValueError(f"{SIZES_ENV} must be one of {', '.join(SIZE_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        return "full" if device.type == "cuda" else "small"
+    return choice
+
 
 def bench_sizes_full(device: torch.device) -> bool:
-    """Full size grid on CUDA; the small grid on CPU. BISSL_BENCH_SIZES=small|full overrides."""
-    choice = os.environ.get("BISSL_BENCH_SIZES", "auto")
-    if choice == "auto":
-        return device.type == "cuda"
-    return choice == "full"
+    """Whether the full grid is timed on ``device`` (see ``bench_sizes``)."""
+    return bench_sizes(device) == "full"
+
+
+def sizes_timed(device: torch.device, small: list, full: list, quick=None) -> list:
+    """The sizes of an op timed on ``device``: ``full`` or ``small`` (``bench_sizes``), or in quick mode
+    the one size ``quick`` (default: the first of ``small``)."""
+    choice = bench_sizes(device)
+    if choice == "quick":
+        return [small[0] if quick is None else quick]
+    return full if choice == "full" else small
 
 
 def provider_skip_reason(provider: str, device: torch.device) -> str | None:
@@ -35,10 +58,13 @@ def size_grid(small: list[tuple], full: list[tuple]) -> list[tuple]:
     return sorted(set(small) | set(full), key=lambda size: tuple(str(v) if isinstance(v, torch.dtype) else v for v in size))
 
 
-def skip_unless_timed(device: torch.device, provider: str, size: tuple, small: list[tuple], full: list[tuple]) -> None:
-    """Skip (with the reason) a row whose size is not in this device's grid or whose provider is not timed here."""
-    if size not in (full if bench_sizes_full(device) else small):
-        pytest.skip("size not in this device's grid (BISSL_BENCH_SIZES=small|full)")
+def skip_unless_timed(
+    device: torch.device, provider: str, size, small: list, full: list, quick=None
+) -> None:
+    """Skip (with the reason) a row whose size is not timed on this device (``sizes_timed``) or whose
+    provider is not timed here."""
+    if size not in sizes_timed(device, small, full, quick):
+        pytest.skip(f"size not in this device's grid ({SIZES_ENV}=small|full|quick)")
     reason = provider_skip_reason(provider, device)
     if reason:
         pytest.skip(reason)

@@ -113,7 +113,9 @@ run_step() {  # run_step <label> <cap> <floor> <command...>: under its deadline,
     dry_clock=$((dry_clock + limit))
     rc=0
   else
-    timeout "$limit" "$@" > "$out/$label.log" 2>&1
+    # SIGINT first: pytest and `bissl-fast bench` then write what finished (bench: the report of its
+    # finished suites); the packing margin covers the 15 s before the hard kill.
+    timeout --signal=INT --kill-after=15 "$limit" "$@" > "$out/$label.log" 2>&1
     rc=$?
     tail -15 "$out/$label.log"
   fi

@@ -37,7 +37,7 @@ def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     from .bench.report import DEFAULT_SUITE_DIR, run_bench
 
     return run_bench(args.out, args.suite_dir or DEFAULT_SUITE_DIR, args.select, args.device, args.max_time,
-                     args.threads, args.update_readme)
+                     args.threads, args.update_readme, quick=args.quick)
 
 
 def _version() -> str:
@@ -56,10 +56,11 @@ def _parser() -> _Parser:
     bench = sub.add_parser("bench", help="run the benchmark suites for this device and write a report")
     bench.add_argument("--out", type=Path, default=Path("bench_out"), help="output folder (JSON, Markdown, PNG)")
     bench.add_argument("--suite-dir", type=Path, default=None, help="folder holding bench_*.py (default: the suites shipped in bissl_fast/bench/suites)")
-    bench.add_argument("--select", default=None, help="only suites whose file stem contains this string")
+    bench.add_argument("--select", default=None, metavar="NAMES", help="only the suites whose name contains one of these comma-separated names, e.g. byol,nt_xent")
+    bench.add_argument("--quick", action="store_true", help="one size per op, fewer rounds, no per-layer profile (a few minutes on 2 CPU cores)")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    bench.add_argument("--max-time", type=float, default=1.0, help="seconds of timing per benchmark (pytest-benchmark max_time)")
-    bench.add_argument("--threads", type=int, default=None, help="intra-op threads for every suite (default: torch's)")
+    bench.add_argument("--max-time", type=float, default=None, help="seconds of timing per benchmark (pytest-benchmark max_time; default 1, with --quick 0.25)")
+    bench.add_argument("--threads", type=int, default=1, help="intra-op threads for every suite (default 1: steady on a shared machine; the cores of an idle one to publish)")
     bench.add_argument("--update-readme", type=Path, default=None, help="then regenerate this README's benchmark block from the results")
     bench.set_defaults(run=_bench)
     # Commands that parse their own arguments: "module:function" called with the rest of the line.

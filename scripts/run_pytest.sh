@@ -13,5 +13,6 @@ status=0
 echo "== Triton kernels under TRITON_INTERPRET=1 ($("$PY" -c 'import torch; print("torch", torch.__version__)'))"
 TRITON_INTERPRET=1 "$PY" -m pytest -q -p no:cacheprovider -m "triton and not cuda" "$tests" || status=1
 echo "== main suite"
-"$PY" -m pytest -q -p no:cacheprovider -m "not triton and not cuda" "$tests" || status=1
+# The `integration` tests (real timm / torchvision / lightly) have their own pass: scripts/run_integration.sh.
+"$PY" -m pytest -q -p no:cacheprovider -m "not triton and not cuda and not integration" "$tests" || status=1
 exit $status

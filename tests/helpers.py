@@ -1,13 +1,16 @@
 """Shared test utilities: relative errors against float64 references with named assertions,
 loss/gradient/HVP of a loss of one tensor, the older vmap, HVP through a tiny MLP, distributed runs, tiny BiSSL
-models without BatchNorm, and image folders / CIFAR-10 pickles written for the data tests."""
+models without BatchNorm, image folders / CIFAR-10 pickles written for the data tests, and the real
+packages of the integration tests."""
 from __future__ import annotations
 
+import importlib
 import os
 import pickle
 from typing import Callable, Sequence
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -208,3 +211,12 @@ def write_cifar10(root, per_batch: int = 6) -> dict[str, tuple[np.ndarray, list[
         pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, f)
     return written
 
+
+
+def import_or_skip(name: str):
+    """The real package (or module) ``name`` for an ``integration`` test: the test skips where its package is
+    not installed, except in the integration pass (``scripts/run_integration.sh`` sets ``BISSL_FAST_INTEGRATION=1``),
+    which must not skip: there a missing or broken package fails the test."""
+    if os.environ.get("BISSL_FAST_INTEGRATION") == "1":
+        return importlib.import_module(name)
+    return pytest.importorskip(name, reason=f"{name.split('.')[0]} is not installed")

@@ -9,6 +9,7 @@ import pytest
 
 from bissl_fast import cli
 from bissl_fast.bench import report as bench_report
+from bissl_fast.bench import suite_runs
 from bissl_fast.bench.report import (
     FLOOR_NOTE,
     README_END,
@@ -102,7 +103,7 @@ def test_bench_cli_errors_are_one_line_with_exit_code_2(tmp_path, monkeypatch, c
     assert code == 2 and "no bench_*.py suites" in err
 
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(bench_report.importlib.util, "find_spec",
+    monkeypatch.setattr(suite_runs.importlib.util, "find_spec",
                         lambda name, *a: None if name in ("pytest", "pytest_benchmark") else real_find_spec(name, *a))
     code, err = _run_cli(["--out", str(tmp_path / "o")], capsys)
     assert code == 2 and err.count("\n") == 1

@@ -51,11 +51,34 @@ def test_interleaved_ratio_marks_an_unsteady_ratio_unstable():
     assert stats.as_dict()["spread"] > 0.10
 
 
+def test_interleaved_ratio_runs_until_its_minimum_measured_time_with_the_given_timer():
+    ticks = iter(range(10_000))
+
+    def clock() -> float:  # every timed call measures exactly 1 "second" on this clock
+        return float(next(ticks))
+
+    stats = interleaved_ratio(lambda i: None, lambda i: None, warmup_rounds=0, min_rounds=3, min_time_s=14.0,
+                              max_time_s=60.0, timer=clock, target_spread=0.5)
+    assert stats.rounds == 7 and stats.median == 1.0 and stats.stable  # 7 rounds x 2 calls >= 14
+    assert stats.reference_min_s == stats.fast_min_s == 1.0
+
+
+def test_interleaved_ratio_keeps_the_garbage_collector_out_of_timed_calls():
+    import gc
+
+    seen = []
+    interleaved_ratio(lambda i: seen.append(gc.isenabled()), lambda i: seen.append(gc.isenabled()), warmup_rounds=0,
+                      min_rounds=3, disable_gc=True, target_spread=10.0)
+    assert seen and not any(seen) and gc.isenabled()
+
+
 def test_interleaved_ratio_rejects_bad_limits():
     with pytest.raises(ValueError, match="min_rounds"):
         interleaved_ratio(lambda i: None, lambda i: None, min_rounds=2)
     with pytest.raises(ValueError, match="target_spread"):
         interleaved_ratio(lambda i: None, lambda i: None, target_spread=0.0)
+    with pytest.raises(ValueError, match="min_time_s"):
+        interleaved_ratio(lambda i: None, lambda i: None, min_time_s=5.0, max_time_s=1.0)
 
 
 @pytest.fixture

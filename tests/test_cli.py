@@ -18,6 +18,8 @@ from bissl_fast import cli
         (["--nope", "bench"], "unrecognized arguments: --nope"),
         (["bench", "--max-time", "abc"], "invalid float value: 'abc'"),
         (["bench", "--suite-dir", "/nonexistent/suites"], "benchmark suites not found at /nonexistent/suites"),
+        (["bench", "--select", "byol,moco"], "--select: no suite name contains 'moco' (suites: bench_batch_norm, "),
+        (["bench", "--quick", "--threads", "0"], "--threads must be >= 1, got 0"),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(capsys, argv, message):

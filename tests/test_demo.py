@@ -9,39 +9,39 @@ import pytest
 import torch
 
 from bissl_fast.data.tensors import BatchAugment
-from bissl_fast.experiments import demo, demo_experiment, demo_report, stats
+from bissl_fast.experiments import demo, demo_experiment, demo_report, demo_setup, stats
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "benchmarks" / "results" / "demo_cpu_digits_simclr" / "summary.json"
 
 
 def test_derive_seed_is_a_function_of_seed_and_purpose():
-    assert demo_experiment.derive_seed(3, "split") == demo_experiment.derive_seed(3, "split")
-    seeds = {demo_experiment.derive_seed(s, p) for s in range(4) for p in ("split", "init", "finetune")}
+    assert demo_setup.derive_seed(3, "split") == demo_setup.derive_seed(3, "split")
+    seeds = {demo_setup.derive_seed(s, p) for s in range(4) for p in ("split", "init", "finetune")}
     assert len(seeds) == 12
     assert all(0 <= s < 2**31 for s in seeds)
 
 
 def test_split_indices_hold_out_test_and_validation():
     y = torch.arange(10).repeat_interleave(30)[torch.randperm(300)]
-    s = demo_experiment.split_indices(y, test_per_class=8, val_per_class=4, labels_per_class=3, seed=5)
+    s = demo_setup.split_indices(y, test_per_class=8, val_per_class=4, labels_per_class=3, seed=5)
     test, val, lab, unl = (set(t.tolist()) for t in (s.test, s.val, s.labeled, s.unlabeled))
     assert not test & val and not test & unl and not val & unl and not test & lab and not val & lab
     assert lab <= unl  # labeled images are training images
     assert test | val | unl == set(range(300))
     for idx, per_class in ((s.test, 8), (s.val, 4), (s.labeled, 3)):
         assert torch.bincount(y[idx], minlength=10).tolist() == [per_class] * 10
-    again = demo_experiment.split_indices(y, 8, 4, 3, seed=5)
+    again = demo_setup.split_indices(y, 8, 4, 3, seed=5)
     assert torch.equal(again.test, s.test) and torch.equal(again.labeled, s.labeled)
-    assert not torch.equal(demo_experiment.split_indices(y, 8, 4, 3, seed=6).test, s.test)
+    assert not torch.equal(demo_setup.split_indices(y, 8, 4, 3, seed=6).test, s.test)
     with pytest.raises(ValueError, match="fewer than test \\+ val \\+ labeled = 31"):
-        demo_experiment.split_indices(y, 20, 8, 3, seed=0)
+        demo_setup.split_indices(y, 20, 8, 3, seed=0)
 
 
 def test_view_stream_skipping_keeps_the_other_draws_identical():
     x = torch.randn(40, 1, 8, 8)
-    full = demo_experiment.ViewStream(x, 8, BatchAugment(), seed=11)
-    skipping = demo_experiment.ViewStream(x, 8, BatchAugment(), seed=11, skip=lambda i: i % 3 == 2)
+    full = demo_setup.ViewStream(x, 8, BatchAugment(), seed=11)
+    skipping = demo_setup.ViewStream(x, 8, BatchAugment(), seed=11, skip=lambda i: i % 3 == 2)
     full_views = [v for _ in range(3) for v in full]  # 3 epochs of 5 batches
     kept = [v for _ in range(3) for v in skipping]
     assert len(full_views) == 15 and len(kept) == 10
@@ -58,7 +58,7 @@ def _settings(**overrides):
         labels_per_class=2, val_per_class=2, test_per_class=5, flip=False,
     )
     base.update(overrides)
-    return demo_experiment.ExperimentSettings(**base)
+    return demo_setup.ExperimentSettings(**base)
 
 
 @pytest.mark.parametrize("pretext", ["simclr", "byol"])

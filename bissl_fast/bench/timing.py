@@ -15,6 +15,7 @@ Whether the machine was busy while a suite ran is the library core's question
 """
 from __future__ import annotations
 
+import gc
 import math
 import statistics
 import time
@@ -43,6 +44,8 @@ class RatioStats:
     stable: bool  # (p80 - p20) / median <= the target spread
     reference_median_s: float
     fast_median_s: float
+    reference_min_s: float
+    fast_min_s: float
 
     @property
     def spread(self) -> float:
@@ -62,27 +65,44 @@ def interleaved_ratio(
     min_rounds: int = 10,
     max_rounds: int = 400,
     max_time_s: float = 30.0,
+    min_time_s: float = 0.0,
     target_spread: float = 0.10,
+    timer: Callable[[], float] = time.perf_counter,
+    disable_gc: bool = False,
 ) -> RatioStats:
     """Speedup of ``fast`` over ``reference``, measured round by round in alternation.
 
     Both callables take the round index (to rotate input sets). Warm-up rounds are not recorded.
-    Stops at the first round >= ``min_rounds`` where the p20-p80 band of the ratios is within
-    ``target_spread`` of their median; otherwise at ``max_rounds`` or ``max_time_s`` (then the
-    result has ``stable=False``).
+    Once ``min_rounds`` rounds and ``min_time_s`` seconds of measured time (both sides, by
+    ``timer``) are done, stops at the first round where the p20-p80 band of the ratios is within
+    ``target_spread`` of their median; otherwise at ``max_rounds`` or ``max_time_s`` of wall time
+    (then the result has ``stable=False``). The minimum time gives a fast op many rounds, so one
+    disturbed stretch of the run moves the median little; it counts measured time, not wall time,
+    so a loaded machine does not cut the sample short. ``timer`` times each call (``time.process_time``: this
+    process's CPU time, for one-thread CPU runs); ``disable_gc`` keeps the garbage collector out of
+    the timed calls (it runs between them).
     """
     if min_rounds < 3 or max_rounds < min_rounds:
         raise ValueError(f"need 3 <= min_rounds <= max_rounds, got {min_rounds}, {max_rounds}")
+    if not 0 <= min_time_s <= max_time_s:
+        raise ValueError(f"need 0 <= min_time_s <= max_time_s, got {min_time_s}, {max_time_s}")
     if not target_spread > 0:
         raise ValueError(f"target_spread must be positive, got {target_spread}")
     sync = _synchronizer(device)
 
     def timed(fn: Callable[[int], Any], i: int) -> float:
-        sync()
-        start = time.perf_counter()
-        fn(i)
-        sync()
-        return time.perf_counter() - start
+        gc_was_enabled = gc.isenabled()
+        if disable_gc:
+            gc.disable()
+        try:
+            sync()
+            start = timer()
+            fn(i)
+            sync()
+            return timer() - start
+        finally:
+            if gc_was_enabled:
+                gc.enable()
 
     for i in range(warmup_rounds):
         reference(i)
@@ -90,7 +110,8 @@ def interleaved_ratio(
     ref_times: list[float] = []
     fast_times: list[float] = []
     ratios: list[float] = []
-    deadline = time.perf_counter() + max_time_s
+    start = time.perf_counter()
+    measured = 0.0
     stable = False
     for i in range(max_rounds):
         # Flipping the order each round cancels whatever the first call of a round pays for the second.
@@ -103,10 +124,12 @@ def interleaved_ratio(
         ref_times.append(t_ref)
         fast_times.append(t_fast)
         ratios.append(t_ref / max(t_fast, 1e-12))
-        if len(ratios) >= min_rounds:
+        measured += t_ref + t_fast
+        wall = time.perf_counter() - start
+        if len(ratios) >= min_rounds and (measured >= min_time_s or wall > max_time_s or i == max_rounds - 1):
             med = statistics.median(ratios)
             stable = (percentile(ratios, 0.8) - percentile(ratios, 0.2)) <= target_spread * med
-            if stable or time.perf_counter() > deadline:
+            if stable or wall > max_time_s:
                 break
     return RatioStats(
         median=statistics.median(ratios),
@@ -116,6 +139,8 @@ def interleaved_ratio(
         stable=stable,
         reference_median_s=statistics.median(ref_times),
         fast_median_s=statistics.median(fast_times),
+        reference_min_s=min(ref_times),
+        fast_min_s=min(fast_times),
     )
 
 

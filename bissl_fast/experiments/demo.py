@@ -29,14 +29,21 @@ from typing import Any, NoReturn, Sequence
 
 import torch
 
+from .._provenance import provenance
 from ..data.tensors import ImageDataset, load_dataset
-from .demo_experiment import ExperimentSettings, run_replicate
+from .demo_experiment import run_replicate
 from .demo_report import (
     format_text,
     readme_block,
     summarize,
     update_readme,
     write_figure,
+)
+from .demo_setup import (
+    ExperimentSettings,
+    fingerprint_mismatches,
+    prepare_replicate,
+    replicate_fingerprint,
 )
 
 
@@ -273,11 +280,13 @@ def _run(args: argparse.Namespace, data: ImageDataset) -> dict[str, Any]:
         f"{args.workers} worker process(es)", flush=True,
     )
     load_start = _load_average()
+    produced_by = provenance()  # the code as the run starts: files may change while it runs
     wall0 = time.perf_counter()
     records = _run_replicates(args, data, seeds)
     wall = time.perf_counter() - wall0
     first = records[0]["sizes"]
     summary: dict[str, Any] = {
+        "provenance": produced_by,
         "config": {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG},
         "dataset": {
             "name": data.name, "images": int(data.x.shape[0]), "shape": list(data.x.shape),
@@ -324,6 +333,29 @@ def _run(args: argparse.Namespace, data: ImageDataset) -> dict[str, Any]:
     print(format_text(summary))
     print("wrote " + ", ".join(written))
     return summary
+
+
+def stale_replicates(summary: dict[str, Any], data: ImageDataset | None = None) -> dict[int, list[str]]:
+    """Replicates of a demo ``summary`` whose recorded fingerprint today's code does not reproduce: seed -> fields.
+
+    Recomputes each replicate's set-up up to its first pretraining step (seconds, no training) and compares it
+    with the ``fingerprint`` recorded in the summary (:func:`bissl_fast.experiments.demo_setup.replicate_fingerprint`);
+    a replicate without one is reported as ``["fingerprint"]``.
+    """
+    args = argparse.Namespace(**{**{name: None for name in _NOT_CONFIG}, **summary["config"]})
+    settings = settings_from_args(args)
+    data = _load(args) if data is None else data
+    stale = {}
+    for record in summary["replicates"]:
+        recorded = record.get("fingerprint")
+        if recorded is None:
+            stale[record["seed"]] = ["fingerprint"]
+            continue
+        today = replicate_fingerprint(prepare_replicate(settings, data, record["seed"], torch.device(args.device)))
+        wrong = fingerprint_mismatches(recorded, today)
+        if wrong:
+            stale[record["seed"]] = wrong
+    return stale
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -20,23 +20,27 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..data.tensors import BatchAugment, ImageDataset, TensorLoader, normalize_stats
-from ..ops.byol import byol_loss
-from ..ops.nt_xent import nt_xent
+from ..data.tensors import BatchAugment, ImageDataset, TensorLoader
 from ..train.config import BiSSLConfig
-from ..train.ema import EMATarget
 from ..train.heads import Classifier
-from ..train.models import PretextModel, SmallResNet
+from ..train.models import PretextModel
 from ..train.trainer import BiSSLTrainer
+from .demo_setup import (
+    ExperimentSettings,
+    ViewStream,
+    derive_seed,
+    prepare_replicate,
+    pretrain_loss,
+    pretrain_target,
+    replicate_fingerprint,
+)
 
 ARMS: dict[str, str] = {
     "A": "pretext backbone",
@@ -46,130 +50,20 @@ ARMS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class ExperimentSettings:
-    """Everything a replicate depends on besides its seed and the data (see ``bissl-fast demo --help``)."""
-
-    pretext: str
-    widths: tuple[int, ...]
-    pretrain_epochs: int
-    pretrain_lr: float
-    batch_size: int
-    bissl_stages: int
-    lower_iters: int
-    upper_iters: int
-    bissl_lr: float
-    lam: float | None
-    solver: str
-    finetune_epochs: int
-    finetune_lr: float
-    labels_per_class: int
-    val_per_class: int
-    test_per_class: int
-    flip: bool
-
-
-def derive_seed(replicate_seed: int, purpose: str) -> int:
-    """A 31-bit seed for ``purpose`` (``"split"``, ``"init"``, ...) that depends only on ``replicate_seed``."""
-    digest = hashlib.sha256(f"bissl-demo/{replicate_seed}/{purpose}".encode()).digest()
-    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-@dataclass
-class Splits:
-    """Index tensors into the dataset; ``unlabeled`` is every image outside ``test`` and ``val``."""
-
-    test: torch.Tensor
-    val: torch.Tensor
-    labeled: torch.Tensor
-    unlabeled: torch.Tensor
-
-
-def split_indices(y: torch.Tensor, test_per_class: int, val_per_class: int, labels_per_class: int, seed: int) -> Splits:
-    """Per class, a random ``test_per_class`` test, ``val_per_class`` validation and ``labels_per_class`` labeled images.
-
-    ``y`` is ``[N]`` int64. The labeled images stay in the unlabeled pool (they are training
-    images); test and validation images are in no other split.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    parts: dict[str, list[torch.Tensor]] = {"test": [], "val": [], "labeled": []}
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).flatten()
-        need = test_per_class + val_per_class + labels_per_class
-        if idx.numel() < need:
-            raise ValueError(f"class {c} has {idx.numel()} images, fewer than test + val + labeled = {need} per class")
-        idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        parts["test"].append(idx[:test_per_class])
-        parts["val"].append(idx[test_per_class : test_per_class + val_per_class])
-        parts["labeled"].append(idx[test_per_class + val_per_class : need])
-    test, val, labeled = (torch.cat(parts[k]).sort().values for k in ("test", "val", "labeled"))
-    held_out = torch.zeros(y.numel(), dtype=torch.bool)
-    held_out[test] = True
-    held_out[val] = True
-    return Splits(test, val, labeled, torch.nonzero(~held_out).flatten())
-
-
-def _checksum(views: Sequence[torch.Tensor]) -> list[float]:
-    return [float(s) for v in views for s in (v.double().sum(), v.double().square().sum())]
-
-
-class ViewStream:
-    """Batches of augmented views of ``x`` ``[N, C, H, W]``: an iterable whose every pass is one epoch.
-
-    Batch order comes from a :class:`TensorLoader` seeded with ``seed`` and the augmentations from
-    a generator seeded with ``seed``, so two streams built alike produce identical views. Draw ``i``
-    (counted over all epochs) is skipped when ``skip(i)`` is true: the views are still drawn, so
-    later draws stay identical to the unskipped stream. ``log`` holds ``(draw, checksum)`` of every
-    yielded batch for comparing two streams.
-    """
-
-    def __init__(
-        self, x: torch.Tensor, batch_size: int, augment: BatchAugment, seed: int, views: int = 2,
-        skip: Callable[[int], bool] | None = None,
-    ) -> None:
-        self.loader = TensorLoader(x, None, batch_size=batch_size, seed=seed)
-        self.augment, self.views, self.skip = augment, views, skip
-        self.generator = torch.Generator(device=x.device).manual_seed(seed)
-        self.drawn = 0
-        self.log: list[tuple[int, list[float]]] = []
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
-        for xb in self.loader:
-            views = self.augment.views(xb, self.views, generator=self.generator)
-            draw = self.drawn
-            self.drawn += 1
-            if self.skip is not None and self.skip(draw):
-                continue
-            self.log.append((draw, _checksum(views)))
-            yield tuple(views)
-
-
-#: EMA decay of the BYOL target during the demo's short pretraining (a few hundred steps): the
-#: paper's 0.9995 would leave the target at its initialization over so few steps.
-PRETRAIN_BYOL_MOMENTUM = 0.99
-
-
 def pretrain(model: PretextModel, stream: ViewStream, epochs: int, lr: float, pretext: str) -> list[float]:
     """SimCLR / BYOL pretraining (AdamW, cosine schedule); returns the mean loss of each epoch.
 
     Each view runs through the backbone in its own forward pass (BatchNorm statistics per view), as
     in the paper and in :class:`bissl_fast.BiSSLTrainer`.
     """
-    target = EMATarget([model.backbone, model.head], momentum=PRETRAIN_BYOL_MOMENTUM) if pretext == "byol" else None
+    target = pretrain_target(model, pretext)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(epochs * len(stream.loader), 1))
     curve = []
     for _ in range(epochs):
         losses = []
         for v1, v2 in stream:
-            h1, h2 = (model.head(model.backbone(v)) for v in (v1, v2))
-            if target is None:
-                loss = nt_xent(h1, h2, 0.5)
-            else:
-                t_backbone, t_head = target.modules
-                with torch.no_grad():
-                    t1, t2 = (t_head(t_backbone(v)) for v in (v1, v2))
-                loss = byol_loss(model.predictor(h1), model.predictor(h2), t1, t2)
+            loss = pretrain_loss(model, target, v1, v2)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -260,30 +154,12 @@ def run_replicate(
     s = settings
     times: dict[str, float] = {}
     clock = _PhaseClock(times)
-    splits = split_indices(data.y, s.test_per_class, s.val_per_class, s.labels_per_class, derive_seed(replicate_seed, "split"))
-    # Normalization statistics from the unlabeled pool only: test and validation images stay unseen.
-    mean, std = normalize_stats(data.x[splits.unlabeled])
-    x_all = ((data.x - mean) / std).to(device)
-    y_all = data.y.to(device)
-
-    def take(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx = idx.to(device)
-        return x_all[idx], y_all[idx]
-
-    (x_unl, _), (x_lab, y_lab) = take(splits.unlabeled), take(splits.labeled)
-    (x_val, y_val), (x_test, y_test) = take(splits.val), take(splits.test)
-    flip = 0.5 if s.flip else 0.0
-    view_aug = BatchAugment(flip=flip)
-    # Downstream training uses milder augmentation than the pretext views.
-    light_aug = BatchAugment(scale=(0.8, 1.0), rotation=10.0, jitter=0.1, noise=0.02, flip=flip)
-    batch_size = min(s.batch_size, x_unl.shape[0])
-
-    # Pretraining: the run all four arms share.
-    torch.manual_seed(derive_seed(replicate_seed, "init"))
-    backbone = SmallResNet(data.x.shape[1], widths=s.widths, blocks=(1,) * len(s.widths)).to(device)
-    feature_dim = backbone.out_dim
-    pretext = PretextModel(backbone, feature_dim, proj_dim=64, hidden_dim=128, predictor=s.pretext == "byol").to(device)
-    pretrain_stream = ViewStream(x_unl, batch_size, view_aug, derive_seed(replicate_seed, "pretrain"))
+    setup = prepare_replicate(settings, data, replicate_seed, device)
+    fingerprint = replicate_fingerprint(setup)
+    splits, pretext, feature_dim = setup.splits, setup.pretext, setup.feature_dim
+    x_lab, y_lab, x_val, y_val, x_test, y_test = setup.x_lab, setup.y_lab, setup.x_val, setup.y_val, setup.x_test, setup.y_test
+    x_unl, view_aug, light_aug, batch_size = setup.x_unl, setup.view_aug, setup.light_aug, setup.batch_size
+    pretrain_stream = setup.pretrain_stream
     pretrain_curve = pretrain(pretext, pretrain_stream, s.pretrain_epochs, s.pretrain_lr, s.pretext)
     clock.lap("pretrain")
 
@@ -357,6 +233,7 @@ def run_replicate(
 
     return {
         "seed": replicate_seed,
+        "fingerprint": fingerprint,
         "sizes": {
             "unlabeled": int(splits.unlabeled.numel()), "labeled": int(splits.labeled.numel()),
             "val": int(splits.val.numel()), "test": int(splits.test.numel()),

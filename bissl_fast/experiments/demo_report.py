@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Sequence
 
+from .._provenance import older_code_note, short_form
 from .demo_experiment import ARMS
 from .stats import (
     PairedComparison,
@@ -128,14 +129,17 @@ def format_text(summary: dict[str, Any]) -> str:
         f"Validation split: {summary['validation_use']}",
         f"Conclusion: {summary['conclusion']}",
         _time_line(summary),
+        f"Produced by: {short_form(summary.get('provenance'))}",
     ]
     return "\n".join(lines)
 
 
 def render_markdown(summary: dict[str, Any]) -> str:
-    """The README block (without the markers) for ``summary``; a pure function of the summary."""
+    """The README block (without the markers) for ``summary``: a function of the summary and of whether today's
+    code is the code that produced it (:func:`bissl_fast._provenance.older_code_note`)."""
     n = len(summary["replicates"])
-    lines = [
+    note = older_code_note(summary.get("provenance"))
+    lines = [*([note, ""] if note else []),
         f"Set-up: {_setup_line(summary)}. Every arm is fine-tuned with a fresh linear head and the replicate's "
         f"fine-tuning seed; the test images are seen by no stage.",
         "",
@@ -159,6 +163,8 @@ def render_markdown(summary: dict[str, Any]) -> str:
         f"paired differences (smallest attainable exactly: {min_attainable_pvalue(n):.2g}). Validation split: {summary['validation_use']} Time: {_time_line(summary)}.",
         "",
         f"**Conclusion:** {summary['conclusion']}",
+        "",
+        f"Produced by: {short_form(summary.get('provenance'))}.",
     ]
     return "\n".join(lines)
 

@@ -62,34 +62,30 @@ def _masked_logits(u: torch.Tensor, i0: int, i1: int, inv_tau: float) -> torch.T
     return s
 
 
-def _row_shift(lse: torch.Tensor, c: torch.Tensor) -> torch.Tensor | None:
-    """``lse - log c`` when every weight is positive (the loss has ``c = 1/N``), else None.
+def _row_shift(lse: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lse - log|c|, sign(c))``, so that ``c_i P_ij = sign(c_i) exp(s_ij - shift_i)``.
 
-    Then ``c_i P_ij = exp(s_ij - shift_i)``: the weights ride in the exponent and each
-    ``[rows, N]`` probability block costs one subtraction and one exp instead of four passes.
+    The weights' magnitudes ride in the exponent: each ``[rows, N]`` probability block costs a
+    subtraction, an exp and a multiplication by the signs. A zero weight gives ``shift = +inf`` and
+    a zero block row, never NaN (``s_ij`` is finite or ``-inf``). No branch on the values of ``c``,
+    so ``torch.compile`` traces it without a graph break (``c`` is ``g/N`` for the loss, with the
+    sign of the incoming gradient ``g``, and any sign in forward-mode products).
     """
-    return lse - torch.log(c) if bool((c > 0).all()) else None
+    return lse - torch.log(c.abs()), torch.sign(c)
 
 
 def _weighted_probabilities(
-    s: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, shift: torch.Tensor | None, i0: int, i1: int
+    s: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor, i0: int, i1: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For a logits row block (overwritten): ``c_i P_ij`` and, by symmetry of ``s``,
     ``c_j P_ji = c_j exp(s_ij - lse_j)``."""
-    if shift is not None:
-        p_col = torch.sub(s, shift).exp_()
-        return s.sub_(shift[i0:i1, None]).exp_(), p_col
-    p_col = torch.sub(s, lse).exp_().mul_(c)
-    return s.sub_(lse[i0:i1, None]).exp_().mul_(c[i0:i1, None]), p_col
+    p_col = torch.sub(s, shift).exp_().mul_(sign)
+    return s.sub_(shift[i0:i1, None]).exp_().mul_(sign[i0:i1, None]), p_col
 
 
-def _weighted_row_probabilities(
-    s: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, shift: torch.Tensor | None
-) -> torch.Tensor:
+def _weighted_row_probabilities(s: torch.Tensor, shift: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
     """``c_i P_ij`` of the full logits ``s`` (overwritten)."""
-    if shift is not None:
-        return s.sub_(shift[:, None]).exp_()
-    return s.sub_(lse[:, None]).exp_().mul_(c[:, None])
+    return s.sub_(shift[:, None]).exp_().mul_(sign[:, None])
 
 
 def _plus_transpose(m: torch.Tensor) -> torch.Tensor:
@@ -137,11 +133,11 @@ def lse_backward(u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: f
     out = empty_output_like(u)
     shift = _row_shift(lse, c)
     if _single_block(u):
-        weighted = _weighted_row_probabilities(_masked_logits(u, 0, n, inv_tau), lse, c, shift)
+        weighted = _weighted_row_probabilities(_masked_logits(u, 0, n, inv_tau), *shift)
         torch.mm(_plus_transpose(weighted), u, out=out)  # C P + P^T C = C P + (C P)^T
         return out.mul_(inv_tau).to(out_dtype)
     for i0, i1 in _row_blocks(n):
-        p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), lse, c, shift, i0, i1)
+        p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), *shift, i0, i1)
         out[i0:i1] = torch.mm(p_row.add_(p_col), u).mul_(inv_tau)
     return out.to(out_dtype)
 
@@ -166,7 +162,7 @@ def lse_double_backward(
     out = empty_output_like(u)
     shift = _row_shift(lse, c)
     for i0, i1 in _row_blocks(n):  # pass 2: (C P + P^T C) W / tau + (E + E^T) U / tau^2
-        p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), lse, c, shift, i0, i1)
+        p_row, p_col = _weighted_probabilities(_masked_logits(u, i0, i1, inv_tau), *shift, i0, i1)
         q = _cross(u, w, i0, i1)
         e = p_row * (q - r[i0:i1, None])
         e.addcmul_(p_col, q.sub_(r))

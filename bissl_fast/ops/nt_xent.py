@@ -345,8 +345,9 @@ def nt_xent(
 
     Drop-in mapping:
 
-    * lightly ``NTXentLoss(temperature, gather_distributed)(out0, out1)`` is
-      ``nt_xent(out0, out1, temperature, gather=gather_distributed)`` (same value).
+    * lightly ``NTXentLoss(temperature, gather_distributed=g)(out0, out1)`` is
+      ``nt_xent(out0, out1, temperature=temperature, gather=g)`` (same value on one process), or
+      :class:`NTXentLoss` with lightly's own arguments.
     * solo-learn ``simclr_loss_func(z, indexes, temperature)`` with ``z = cat(views)`` and
       ``indexes = arange(B).repeat(m)`` is ``nt_xent(z, temperature=temperature, views=m,
       gather=True)`` for ``m = 2``. For ``m > 2`` solo-learn puts the sum over positives inside the
@@ -368,27 +369,41 @@ def nt_xent(
 
 
 class NTXentLoss(nn.Module):
-    """Drop-in ``nn.Module`` for :func:`nt_xent`: ``NTXentLoss(temperature, views, backend, gather)``.
+    """Drop-in ``nn.Module`` for lightly's ``NTXentLoss`` on :func:`nt_xent`.
 
-    ``forward(z)`` with view-major ``z [views*B, D]`` or ``forward(z0, z1)`` with ``[B, D]`` each;
-    returns the scalar loss. Replaces lightly's ``NTXentLoss(temperature, gather_distributed=g)``
-    as ``NTXentLoss(temperature, gather=g)``; see :func:`nt_xent` for solo-learn.
+    ``NTXentLoss(temperature=0.5, memory_bank_size=0, gather_distributed=False)`` takes lightly's
+    arguments, in lightly's order, so replacing the import is the whole change; ``views``,
+    ``backend``, ``precision`` and ``check_finite`` (keyword-only) are :func:`nt_xent`'s.
+    ``forward(out0, out1)`` with ``[B, D]`` each, or ``forward(z)`` with view-major
+    ``z [views*B, D]``; returns the scalar loss (lightly's value).
+
+    ``memory_bank_size`` must be 0 (or a ``(0, dim)`` tuple, lightly's other spelling of "no memory
+    bank"): MoCo-style negatives kept from earlier batches are not implemented. With
+    ``gather_distributed=True`` every rank's rows are all-gathered and each rank returns the loss of
+    the global batch; lightly returns its own rows' share, whose average over ranks is that value,
+    and the gradients that reach each rank are the same (see ``gather`` in :func:`nt_xent`).
     """
 
     def __init__(
         self,
         temperature: float = 0.5,
+        memory_bank_size: int | tuple[int, int] = 0,
+        gather_distributed: bool = False,
+        *,
         views: int = 2,
         backend: str = "auto",
-        gather: bool = False,
         precision: str = "ieee",
         check_finite: bool = False,
     ) -> None:
         super().__init__()
         self.temperature = check_positive("temperature", temperature)
+        bank = memory_bank_size if isinstance(memory_bank_size, (tuple, list)) else (memory_bank_size,)
+        if not bank or not isinstance(bank[0], int) or isinstance(bank[0], bool) or bank[0] != 0:
+            raise ValueError(f"memory_bank_size must be 0 (no memory bank), got {memory_bank_size!r}: "
+                             "bissl_fast's NTXentLoss has no MoCo-style memory bank of earlier batches' negatives")
         self.views = check_int_at_least("views", views, 2)
         self.backend = backend
-        self.gather = bool(gather)
+        self.gather_distributed = bool(gather_distributed)
         self.precision = _check_precision(precision)
         self.check_finite = bool(check_finite)
 
@@ -399,10 +414,11 @@ class NTXentLoss(nn.Module):
             temperature=self.temperature,
             views=self.views,
             backend=self.backend,
-            gather=self.gather,
+            gather=self.gather_distributed,
             precision=self.precision,
             check_finite=self.check_finite,
         )
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, views={self.views}, backend={self.backend!r}, gather={self.gather}"
+        return (f"temperature={self.temperature}, views={self.views}, backend={self.backend!r}, "
+                f"gather_distributed={self.gather_distributed}")

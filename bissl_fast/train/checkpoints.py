@@ -1,12 +1,16 @@
 """Loading pretext checkpoints into a backbone or head, and writing checkpoints atomically.
 
-:func:`load_weights` accepts a plain ``state_dict``, the paper's own backbone / head files
-(``torch.save(model.backbone.state_dict())``; heads keyed ``projector.*`` / ``predictor.*``),
-PyTorch Lightning containers (lightly, solo-learn: ``{"state_dict": ...}``) and wrapped key names
-(``module.``, ``model.``, ``backbone.``, ``encoder.``, any nesting of them). The key prefix is
-found as the one under which most keys fit the module. Nothing loads partially: a missing key, a
-shape mismatch, or an unexpected key that the caller did not allow raises one ``ValueError``
-line; :class:`LoadReport` lists what was loaded and what was ignored.
+:func:`load_weights` accepts a plain ``state_dict`` (torchvision, timm, the paper's backbone / head
+files), PyTorch Lightning containers (lightly, solo-learn: ``{"state_dict": ...}``) and wrapped key
+names (``module.`` of DDP, ``model.``, ``backbone.``, ``encoder.``, any nesting of them). It finds
+where the module's tensors sit in the file: under which key prefix, and whether the keys name the
+module's children by position, as lightly's usual ``nn.Sequential(*resnet.children()[:-1])`` backbone
+does (``backbone.4.0.conv1.weight`` is ``layer1.0.conv1.weight``). The choice is deterministic: most
+tensors that fit (name and shape), then names over positions, then the online network over a
+momentum / target copy (BYOL, MoCo), then the shortest prefix; two equally good complete fits raise.
+Classifier and pretext-head keys (:data:`HEAD_PREFIXES`) are left out and reported; anything else that
+fits nothing, a missing tensor or a shape mismatch raises one ``ValueError`` line naming the layers
+and their shapes. Nothing loads partially; :class:`LoadReport` lists what was loaded and ignored.
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import glob
 import os
 import pickle
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -22,22 +27,36 @@ from torch import nn
 
 #: Containers that checkpoint libraries wrap a state dict in (Lightning, solo-learn, DINO-style, ...).
 CONTAINER_KEYS = ("state_dict", "model", "model_state_dict", "module", "net", "network", "teacher", "student")
-#: Keys of the classifier / projection heads that a pretext checkpoint may carry beside the backbone.
-HEAD_PREFIXES = ("fc.", "head.", "heads.", "classifier.", "projector.", "predictor.", "prototypes.",
-                 "momentum_", "target_", "online_", "queue", "linear.")
+#: Key prefixes of what a checkpoint carries beside the backbone, left out by default: classifiers
+#: (torchvision, timm), pretext heads (the paper's and solo-learn's ``projector`` / ``predictor``,
+#: lightly's ``projection_head`` / ``prediction_head`` and their ``_momentum`` copies) and momentum /
+#: target networks (solo-learn's ``momentum_*``, lightly's ``backbone_momentum``, MoCo's queue).
+HEAD_PREFIXES = ("fc.", "head.", "heads.", "classifier.", "linear.", "projector.", "predictor.", "prototypes.",
+                 "projection_head", "prediction_head", "backbone_momentum", "momentum_", "target_", "online_",
+                 "queue")
+#: Words of a prefix that names a momentum (EMA) copy of the network, which loses ties to the online one.
+_MOMENTUM_WORDS = frozenset({"momentum", "target", "ema"})
+#: Entries listed per kind of misfit in an error (the count says how many there are).
+_LISTED = 3
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_weights` did: ``prefix`` stripped from the checkpoint's keys, the module
-    keys ``loaded``, and checkpoint keys ``ignored`` (allowed extras: heads, other modules)."""
+    """What :func:`load_weights` did: ``prefix`` stripped from the checkpoint's keys, whether the keys
+    named the module's children ``by_position``, the module keys ``loaded``, and the checkpoint keys
+    ``ignored`` (heads and other networks matched by the ignore-list)."""
 
     prefix: str
+    by_position: bool = False
     loaded: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"loaded {len(self.loaded)} tensors (prefix {self.prefix!r}), ignored {len(self.ignored)} checkpoint keys"
+        layout = ", children by position" if self.by_position else ""
+        groups = Counter(key.split(".")[0] for key in self.ignored)
+        ignored = ", ".join(f"{name}.* ({count})" for name, count in sorted(groups.items()))
+        return (f"loaded {len(self.loaded)} tensors (prefix {self.prefix!r}{layout}), "
+                f"ignored {len(self.ignored)} checkpoint keys" + (f": {ignored}" if ignored else ""))
 
 
 def _unpickling_error(path: str, message: str) -> str:
@@ -95,25 +114,103 @@ def read_checkpoint(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, 
     raise ValueError("checkpoint holds no state dict of tensors (looked inside " + ", ".join(CONTAINER_KEYS) + ")")
 
 
-def _prefix_candidates(keys: Sequence[str]) -> set[str]:
+@dataclass
+class _Layout:
+    """One reading of the checkpoint: ``names`` maps module keys to the checkpoint keys under ``prefix``."""
+
+    prefix: str
+    by_position: bool
+    names: dict[str, str]
+    fits: int = 0  # module tensors found with their shape
+
+    def rank(self) -> tuple[int, bool, bool, int, str]:
+        """Sort key, best first (see the module docstring); the prefix itself last, so the order is total."""
+        return -self.fits, self.by_position, _is_momentum_copy(self.prefix), len(self.prefix), self.prefix
+
+
+def _is_momentum_copy(prefix: str) -> bool:
+    return bool(_MOMENTUM_WORDS.intersection(prefix.replace(".", "_").split("_")))
+
+
+def _prefix_candidates(keys: Sequence[str]) -> list[str]:
     found = {""}
     for key in keys:
         parts = key.split(".")
         for depth in range(1, min(len(parts), 4)):
             found.add(".".join(parts[:depth]) + ".")
-    return found
+    return sorted(found)
 
 
-def _best_prefix(keys: Sequence[str], wanted: set[str]) -> str:
-    """The prefix under which most keys name an entry of ``wanted`` (shortest on ties; two complete fits raise)."""
-    def score(prefix: str) -> tuple[int, int]:
-        hits = sum(1 for k in keys if k.startswith(prefix) and k[len(prefix):] in wanted)
-        return hits, -len(prefix)
+def _read_layout(keys: Sequence[str], prefix: str, children: Sequence[str] | None) -> dict[str, str]:
+    """Module key -> checkpoint key for ``keys`` under ``prefix``; with ``children``, the first part
+    of each key is a position among them (a ``Sequential`` built from the module's children)."""
+    names: dict[str, str] = {}
+    for key in keys:
+        if not key.startswith(prefix):
+            continue
+        name = key[len(prefix):]
+        if children is not None:
+            index, dot, rest = name.partition(".")
+            if not (dot and index.isdigit() and int(index) < len(children)):
+                continue
+            name = f"{children[int(index)]}.{rest}"
+        names.setdefault(name, key)
+    return names
 
-    ranked = sorted(_prefix_candidates(keys), key=score, reverse=True)
-    if len(ranked) > 1 and score(ranked[0]) == score(ranked[1]) and score(ranked[0])[0] == len(wanted):
-        raise ValueError(f"checkpoint keys fit the module under both {ranked[0]!r} and {ranked[1]!r}; pass prefix=...")
-    return ranked[0]
+
+def _find_layout(state: Mapping[str, torch.Tensor], module: nn.Module, target: Mapping[str, torch.Tensor],
+                 prefix: str | None) -> _Layout:
+    """The best :class:`_Layout` of ``state`` for ``module`` (whose state dict is ``target``)."""
+    keys = list(state)
+    children = None if isinstance(module, nn.Sequential) else [name for name, _ in module.named_children()]
+    layouts = []
+    for candidate in _prefix_candidates(keys) if prefix is None else [prefix]:
+        for by_position in (False, True) if children else (False,):
+            names = _read_layout(keys, candidate, children if by_position else None)
+            layout = _Layout(candidate, by_position, names)
+            layout.fits = sum(1 for name, key in names.items()
+                              if name in target and state[key].shape == target[name].shape)
+            layouts.append(layout)
+    layouts.sort(key=_Layout.rank)
+    best = layouts[0]
+    if len(layouts) > 1 and best.fits == len(target):
+        runner_up = layouts[1]
+        if runner_up.rank()[:3] == best.rank()[:3]:
+            raise ValueError(f"checkpoint keys fit the module under both {best.prefix!r} and {runner_up.prefix!r}; "
+                             "pass prefix=... to pick one")
+    return best
+
+
+def _listed(items: Sequence[str]) -> str:
+    more = f", ... {len(items) - _LISTED} more" if len(items) > _LISTED else ""
+    return "; ".join(items[:_LISTED]) + more
+
+
+def _misfit_message(module: nn.Module, target: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor],
+                    layout: _Layout, unused: Sequence[str]) -> str:
+    """One line naming the layers that do not fit, with their shapes, and what to do about it."""
+    kind = type(module).__name__
+    reshaped = [f"{layout.names[n]} {tuple(state[layout.names[n]].shape)} vs the module's {n} {tuple(t.shape)}"
+                for n, t in target.items() if n in layout.names and state[layout.names[n]].shape != t.shape]
+    missing = [f"{n} {tuple(t.shape)}" for n, t in target.items() if n not in layout.names]
+    parts = []
+    if reshaped:
+        parts.append(f"{len(reshaped)} tensors differ in shape ({_listed(reshaped)})")
+    if missing:
+        parts.append(f"{len(missing)} of the {kind}'s {len(target)} tensors are not in it ({_listed(missing)})")
+    if unused:
+        parts.append(f"{len(unused)} checkpoint tensors fit nothing "
+                     f"({_listed([f'{k} {tuple(state[k].shape)}' for k in unused])})")
+    where = f"read under prefix {layout.prefix!r}" + (", children by position" if layout.by_position else "")
+    message = f"checkpoint does not fit the {kind} ({where}): " + ", ".join(parts)
+    if layout.fits == 0:
+        return message + f"; no tensor fits: checkpoint keys start {list(state)[:3]}, the module's {list(target)[:3]}"
+    top_level = {name.split(".")[0] for name in target}
+    own_names = any(k[len(layout.prefix):].split(".")[0] in top_level for k in unused if k.startswith(layout.prefix))
+    if reshaped or missing or own_names:
+        return message + "; it holds another architecture or width than this backbone"
+    return message + ("; if they belong to a head or another network, add their key prefixes to ignore=... "
+                      "(bissl-fast run: --pretext-checkpoint-ignore)")
 
 
 def load_weights(
@@ -121,46 +218,35 @@ def load_weights(
     source: str | os.PathLike | Mapping[str, Any],
     *,
     prefix: str | None = None,
-    allow_unexpected: Sequence[str] = (),
+    ignore: Sequence[str] = HEAD_PREFIXES,
 ) -> LoadReport:
-    """Load ``source`` into ``module`` in full, or raise without changing it.
+    """Load ``source`` into ``module`` in full, or raise one ``ValueError`` line without changing it.
 
     Args:
-        module: the backbone (or head) to fill; every one of its state-dict entries must be found.
+        module: the backbone (or head) to fill; every one of its state-dict entries must be found,
+            with its shape.
         source: a checkpoint path or a mapping (see :func:`read_checkpoint`).
-        prefix: the key prefix to strip (e.g. ``"backbone."``); found automatically when ``None``.
-        allow_unexpected: key prefixes of checkpoint entries that may be left out (e.g.
-            :data:`HEAD_PREFIXES`), matched against the key with and without ``prefix``. Any other
-            unused key raises.
+        prefix: the key prefix to strip (e.g. ``"backbone."``); found automatically when ``None``
+            (see the module docstring).
+        ignore: key prefixes of checkpoint entries to leave out (reported in ``LoadReport.ignored``),
+            matched against each key with and without the found ``prefix``; default
+            :data:`HEAD_PREFIXES`. Any other entry that fits nothing raises.
     """
     state = read_checkpoint(source)
     target = module.state_dict()
-    if prefix is None:
-        prefix = _best_prefix(list(state), set(target))
-    mapped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix) and k[len(prefix):] in target}
-    missing = [k for k in target if k not in mapped]
-    if missing:
-        raise ValueError(
-            f"checkpoint does not fit the {type(module).__name__}: {len(missing)} of {len(target)} keys missing "
-            f"after stripping prefix {prefix!r} (first: {missing[0]!r}; checkpoint keys start {list(state)[:3]})"
-        )
-    for key, value in mapped.items():
-        if tuple(value.shape) != tuple(target[key].shape):
-            raise ValueError(
-                f"checkpoint does not fit the {type(module).__name__}: {prefix + key!r} has shape {tuple(value.shape)}, "
-                f"the module {tuple(target[key].shape)}"
-            )
-    used = {prefix + k for k in mapped}
-    ignored = [k for k in state if k not in used]
-    allowed = tuple(allow_unexpected)
-    rejected = [k for k in ignored if not (k.startswith(allowed) or (k.startswith(prefix) and k[len(prefix):].startswith(allowed)))]
-    if rejected:
-        raise ValueError(
-            f"checkpoint has {len(rejected)} keys that fit nothing in the {type(module).__name__} (first: {rejected[0]!r}); "
-            "pass allow_unexpected=(<prefixes>) to ignore them"
-        )
+    layout = _find_layout(state, module, target, prefix)
+    mapped = {name: state[key] for name, key in layout.names.items() if name in target}
+    used = {layout.names[name] for name in mapped}
+    ignore = tuple(ignore)
+    start = len(layout.prefix)
+    left_over = [k for k in state if k not in used]
+    ignored = [k for k in left_over if k.startswith(ignore) or (k.startswith(layout.prefix) and k[start:].startswith(ignore))]
+    ignored_keys = set(ignored)
+    unused = [k for k in left_over if k not in ignored_keys]
+    if layout.fits != len(target) or unused:
+        raise ValueError(_misfit_message(module, target, state, layout, unused))
     module.load_state_dict(mapped, strict=True)
-    return LoadReport(prefix=prefix, loaded=list(mapped), ignored=ignored)
+    return LoadReport(prefix=layout.prefix, by_position=layout.by_position, loaded=list(mapped), ignored=ignored)
 
 
 def _temporary(path: str, pid: int) -> str:

@@ -21,10 +21,12 @@ A resume is refused when the settings or the loaded data differ from the checkpo
 appends JSON lines to ``<out>/log.jsonl`` (losses, CG residuals, throughput, lr), and to TensorBoard
 with ``tensorboard=True`` when it is installed, and shows a progress bar on rank 0. Under ``torchrun`` every
 process runs this function; batches are split over ranks (the global batch sizes stay those of the
-config), gradients are averaged over ranks, and rank 0 writes checkpoints and logs.
+config), gradients are averaged over ranks, and rank 0 writes checkpoints and logs. :mod:`.report` turns a
+finished run's ``summary.json`` into the README's pipeline block.
 """
 from __future__ import annotations
 
+from . import report
 from .cli import build_parser, main
 from .config import FIELD_HELP, PipelineConfig, config_from_toml
 from .runner import format_summary, run_pipeline

@@ -7,7 +7,7 @@ import sys
 from dataclasses import fields
 from typing import Sequence
 
-from .config import FIELD_HELP, PipelineConfig, config_from_toml
+from .config import FIELD_HELP, PipelineConfig, config_from_toml, resolve_config, shipped_configs
 from .runner import format_summary, run_pipeline
 
 
@@ -23,7 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="The BiSSL pipeline: pretext checkpoint -> head warm-up -> BiSSL -> fine-tuning. "
         "Same command for 1 process or N under `torchrun --nproc_per_node=N -m bissl_fast.cli run ...`.",
     )
-    parser.add_argument("--config", default=None, help="TOML file of settings (the flag names below, '_' for '-')")
+    parser.add_argument("--config", default=None, help="TOML file of settings (the flag names below, '_' for '-'), "
+                        f"or the name of a shipped one: {', '.join(shipped_configs())}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     for f in fields(PipelineConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -43,9 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path, debug = args.pop("config"), args.pop("debug")
     try:
         if config_path is not None:
-            if not os.path.isfile(config_path):
-                raise FileNotFoundError(f"config file {config_path!r} does not exist")
-            cfg = config_from_toml(config_path, **args)
+            cfg = config_from_toml(resolve_config(config_path), **args)
         else:
             cfg = PipelineConfig(**{k: v for k, v in args.items() if v is not None})
         summary = run_pipeline(cfg)

@@ -19,8 +19,8 @@ class PipelineConfig:
     """Every setting of :func:`run_pipeline` (described in :data:`FIELD_HELP`); the CLI flags and TOML keys have these names.
 
     Batch sizes are global (split over ``torchrun`` ranks). The defaults are the paper's
-    ImageNet/ResNet-50 recipe where it has one (``configs/paper_resnet50.toml`` spells them out);
-    ``configs/cpu_digits.toml`` is a run that fits a CPU.
+    ImageNet/ResNet-50 recipe where it has one (the shipped config ``paper_resnet50`` spells them out);
+    ``cpu_digits`` is a run that fits a CPU (see :func:`resolve_config`).
     """
 
     # data
@@ -37,6 +37,7 @@ class PipelineConfig:
     pretext: str = "simclr"
     pretext_checkpoint: str | None = None
     pretext_head_checkpoint: str | None = None
+    pretext_checkpoint_ignore: str | None = None
     projector_batchnorm: bool = True
     # pretext pretraining (only without pretext_checkpoint)
     pretext_epochs: int = 0
@@ -118,6 +119,9 @@ class PipelineConfig:
             check_int_at_least("threads", self.threads, 1)
         if self.image_size is not None:
             check_int_at_least("image_size", self.image_size, 4)
+        if self.pretext_checkpoint_ignore is not None and not self.checkpoint_ignore_prefixes():
+            raise ValueError("pretext_checkpoint_ignore names no key prefix; give comma-separated prefixes such as "
+                             "'aux_head.,decoder.'")
         # BiSSLConfig checks the rest of the BiSSL settings (lam + damping > 0, byol_momentum range).
         self.bissl_config()
 
@@ -143,6 +147,10 @@ class PipelineConfig:
                 expected += " or unset" if "None" in kinds else ""
                 raise TypeError(f"{f.name} must be {expected}, got {value!r}")
 
+    def checkpoint_ignore_prefixes(self) -> tuple[str, ...]:
+        """The key prefixes of ``pretext_checkpoint_ignore`` (comma-separated), in order."""
+        return tuple(p.strip() for p in (self.pretext_checkpoint_ignore or "").split(",") if p.strip())
+
     def bissl_config(self) -> BiSSLConfig:
         return BiSSLConfig(
             pretext=self.pretext, lower_iters=self.lower_iters, upper_iters=self.upper_iters, lam=self.lam,
@@ -167,6 +175,9 @@ FIELD_HELP = {
     "pretext": "simclr or byol",
     "pretext_checkpoint": "pretext backbone weights (plain, the paper's, lightly, solo-learn, torchvision, DDP)",
     "pretext_head_checkpoint": "the paper's pretext head file (projector.* / predictor.* keys)",
+    "pretext_checkpoint_ignore": "comma-separated key prefixes of pretext_checkpoint to leave out, besides the known "
+                                 "classifiers, pretext heads and momentum copies (fc., head., classifier., projector., "
+                                 "projection_head, momentum_, ...: bissl_fast.train.checkpoints.HEAD_PREFIXES)",
     "projector_batchnorm": "BatchNorm in the projector / predictor hidden layers (the paper's)",
     "pretext_epochs": "SimCLR/BYOL pretraining epochs when no pretext_checkpoint is given",
     "pretext_batch_size": "global pretext batch (images; 2 views each), also BiSSL's lower batch",
@@ -215,6 +226,27 @@ FIELD_HELP = {
 RUNTIME_FIELDS = ("out", "resume", "tensorboard", "progress", "threads")
 
 
+#: The configurations that ship with the package, one ``<name>.toml`` each.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def shipped_configs() -> list[str]:
+    """Names of the shipped configurations (``bissl-fast run --config <name>``)."""
+    return sorted(name[:-len(".toml")] for name in os.listdir(CONFIG_DIR) if name.endswith(".toml"))
+
+
+def resolve_config(name_or_path: str) -> str:
+    """The TOML file of ``--config``: an existing file, else a shipped configuration's name (``cpu_digits``)."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    if name_or_path in shipped_configs():
+        return os.path.join(CONFIG_DIR, name_or_path + ".toml")
+    if os.sep in name_or_path or name_or_path.endswith(".toml"):
+        raise FileNotFoundError(f"config file {name_or_path!r} does not exist")
+    raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a shipped config "
+                            f"({', '.join(shipped_configs())})")
+
+
 def config_from_toml(path: str | os.PathLike, **overrides: Any) -> PipelineConfig:
     """A :class:`PipelineConfig` from a TOML file of field names (flat, or in any tables), then ``overrides``."""
     import tomllib
@@ -243,4 +275,5 @@ def fingerprint(cfg: PipelineConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_FIELDS}
 
 
-__all__ = ["FIELD_HELP", "RUNTIME_FIELDS", "PipelineConfig", "config_from_toml", "fingerprint"]
+__all__ = ["CONFIG_DIR", "FIELD_HELP", "RUNTIME_FIELDS", "PipelineConfig", "config_from_toml", "fingerprint",
+           "resolve_config", "shipped_configs"]

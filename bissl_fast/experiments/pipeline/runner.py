@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ..._machine import calibrate, load_average, shared_cores
+from ..._provenance import provenance
 from ...train.backbones import build_backbone
 from ...train.checkpoints import HEAD_PREFIXES, load_file, load_weights, remove_stale_temporaries, save_atomic
 from ...train.heads import Classifier, ProjectionModel
@@ -126,6 +127,9 @@ def _run(
     cfg: PipelineConfig, device: torch.device, pretext_loader: Any, on_checkpoint: Callable[[str], None], load_at_start: float
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
+    # The code as this process starts; a process that trains records it in the checkpoint, so a resumed run
+    # records the code of the process that finished it and a rerun of a finished run keeps that record.
+    produced_by = provenance()
     rank, world = rank_and_world()
     for name in ("pretext_batch_size", "downstream_batch_size", "finetune_batch_size"):
         if getattr(cfg, name) % world:
@@ -133,17 +137,18 @@ def _run(
     splits = load_splits(cfg, device)
     channels = splits.x_train.shape[1]
     torch.manual_seed(cfg.seed)
-    backbone, feature_dim = build_backbone(cfg.arch, channels)
+    backbone, feature_dim = build_backbone(cfg.arch, channels, image_size=splits.x_train.shape[-1])
     pretext = ProjectionModel(backbone, feature_dim, byol=cfg.pretext == "byol", batchnorm=cfg.projector_batchnorm).to(device)
     load_reports = {}
     if cfg.pretext_checkpoint is not None:
-        load_reports["backbone"] = load_weights(pretext.backbone, cfg.pretext_checkpoint, allow_unexpected=HEAD_PREFIXES).summary()
+        load_reports["backbone"] = load_weights(pretext.backbone, cfg.pretext_checkpoint,
+                                                ignore=HEAD_PREFIXES + cfg.checkpoint_ignore_prefixes()).summary()
     if cfg.pretext_head_checkpoint is not None:
         load_reports["head"] = load_weights(pretext.head, cfg.pretext_head_checkpoint, prefix="projector.",
-                                            allow_unexpected=("predictor.",)).summary()
+                                            ignore=("predictor.",)).summary()
         if pretext.predictor is not None:
             load_reports["predictor"] = load_weights(pretext.predictor, cfg.pretext_head_checkpoint, prefix="predictor.",
-                                                     allow_unexpected=("projector.",)).summary()
+                                                     ignore=("projector.",)).summary()
 
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path = os.path.join(cfg.out, "checkpoint.pt")
@@ -176,6 +181,7 @@ def _run(
         if not process_slot:
             process_slot.append(len(times))
             times.append(0.0)
+            state["provenance"] = produced_by
         times[process_slot[0]] = time.perf_counter() - t_start
         state["log_lines"] = log.lines
         state["rng"] = rng_state()
@@ -276,6 +282,7 @@ def _run(
         checkpoint("finetune")
 
     summary = {
+        "provenance": state.get("provenance", produced_by),
         "config": asdict(cfg),
         "world_size": world,
         "checkpoint_loads": load_reports,
