@@ -140,6 +140,76 @@ inline DbwdArgs dbwd_args(const std::optional<at::Tensor>& ggi, const std::optio
           channel_acc(ggb, input, C, 0.0)};
 }
 
+// The batched ops (k tangents at once, for batched Hessian-vector products): full-size tangents are
+// [k, *input.shape], per-channel ones [k, C].
+
+// A full-size batch of tangents: returns k.
+inline int64_t check_batch_like(const at::Tensor& x, const at::Tensor& input, const char* name, const char* op) {
+  TORCH_CHECK(x.dim() == input.dim() + 1 && x.sizes().slice(1) == input.sizes(), op, ": ", name,
+              " must have shape [k, ", input.sizes(), "...], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == input.scalar_type(), op, ": ", name, " must have dtype ", input.scalar_type(),
+              ", got ", x.scalar_type());
+  TORCH_CHECK(x.device() == input.device(), op, ": ", name, " must be on ", input.device());
+  return x.size(0);
+}
+
+// A per-channel batch of tangents [k, C] (dtypes as check_channel): returns k.
+inline int64_t check_batch_channel(const at::Tensor& t, const at::Tensor& input, int64_t c, const char* name,
+                                   const char* op) {
+  TORCH_CHECK(t.dim() == 2 && t.size(1) == c, op, ": ", name, " must be [k, C] = [k, ", c, "], got shape ", t.sizes());
+  TORCH_CHECK(t.device() == input.device(), op, ": ", name, " must be on ", input.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type() || t.scalar_type() == acc_type(input), op, ": ", name,
+              " must have dtype ", input.scalar_type(), " or ", acc_type(input), ", got ", t.scalar_type());
+  return t.size(0);
+}
+
+struct BwdBatchedArgs {
+  BwdArgs base;  // grad_out is the [k, N, C, *] batch
+  int64_t k;
+};
+
+inline BwdBatchedArgs bwd_batched_args(const at::Tensor& grad_out_in, const at::Tensor& input_in,
+                                       const std::optional<at::Tensor>& weight, const at::Tensor& save_mean,
+                                       const at::Tensor& save_invstd, const char* op) {
+  const int64_t C = check_input(input_in, op);
+  const int64_t k = check_batch_like(grad_out_in, input_in, "grad_out", op);
+  check_optional_channel(weight, input_in, C, "weight", op);
+  check_channel(save_mean, input_in, C, "save_mean", op);
+  check_channel(save_invstd, input_in, C, "save_invstd", op);
+  const auto input = input_in.contiguous();
+  return {{input, grad_out_in.contiguous(), channel_acc(weight, input, C, 1.0), channel_acc(save_mean, input, C, 0.0),
+           channel_acc(save_invstd, input, C, 1.0), layout_of(input), input.options().dtype(acc_type(input))},
+          k};
+}
+
+struct DbwdBatchedArgs {
+  BwdArgs base;
+  at::Tensor ggi, ggw, ggb;  // ggi [k, N, C, *] or undefined (zero cotangents); ggw, ggb [k, C] (zeros when absent)
+  int64_t k;
+};
+
+inline DbwdBatchedArgs dbwd_batched_args(const std::optional<at::Tensor>& ggi, const std::optional<at::Tensor>& ggw,
+                                         const std::optional<at::Tensor>& ggb, const at::Tensor& grad_out_in,
+                                         const at::Tensor& input_in, const std::optional<at::Tensor>& weight,
+                                         const at::Tensor& save_mean, const at::Tensor& save_invstd, const char* op) {
+  const int64_t C = check_input(input_in, op);
+  int64_t k = -1;
+  const auto agree = [&](int64_t count, const char* name) {
+    TORCH_CHECK(k < 0 || count == k, op, ": ", name, " holds ", count, " tangents, the other cotangents ", k);
+    k = count;
+  };
+  if (present(ggi)) agree(check_batch_like(*ggi, input_in, "ggI", op), "ggI");
+  if (present(ggw)) agree(check_batch_channel(*ggw, input_in, C, "ggW", op), "ggW");
+  if (present(ggb)) agree(check_batch_channel(*ggb, input_in, C, "ggB", op), "ggB");
+  TORCH_CHECK(k >= 0, op, ": at least one of ggI, ggW, ggB must be given (it sets the number of tangents)");
+  auto base = bwd_args(grad_out_in, input_in, weight, save_mean, save_invstd, op);
+  const auto opts = base.acc_opts;
+  const auto per_channel = [&](const std::optional<at::Tensor>& t) {
+    return present(t) ? t->to(acc_type(input_in)).contiguous() : at::zeros({k, C}, opts);
+  };
+  return {base, present(ggi) ? ggi->contiguous() : at::Tensor(), per_channel(ggw), per_channel(ggb), k};
+}
+
 // The dtype of weight/bias gradients: the weight's, or the input's when there is no weight.
 inline at::ScalarType param_dtype(const std::optional<at::Tensor>& weight, const at::Tensor& input) {
   return present(weight) ? weight->scalar_type() : input.scalar_type();

@@ -24,6 +24,15 @@ inline void check_like(const at::Tensor& x, const at::Tensor& p, const char* nam
   TORCH_CHECK(x.device() == p.device(), op, ": ", name, " must be on ", p.device());
 }
 
+// A batch of k cotangents [k, B, D] for rows p [B, D].
+inline void check_batch_like(const at::Tensor& x, const at::Tensor& p, const char* name, const char* op) {
+  TORCH_CHECK(x.dim() == 3 && x.size(1) == p.size(0) && x.size(2) == p.size(1), op, ": ", name,
+              " must have shape [k, ", p.size(0), ", ", p.size(1), "], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == p.scalar_type(), op, ": ", name, " must have dtype ", p.scalar_type(), ", got ",
+              x.scalar_type());
+  TORCH_CHECK(x.device() == p.device(), op, ": ", name, " must be on ", p.device());
+}
+
 inline void check_grad(const at::Tensor& grad, const at::Tensor& p, const char* op) {
   TORCH_CHECK(grad.dim() == 1 && grad.size(0) == p.size(0), op, ": grad must be [B] = [", p.size(0), "], got ",
               grad.sizes());

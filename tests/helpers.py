@@ -1,5 +1,5 @@
 """Shared test utilities: relative errors against float64 references with named assertions,
-loss/gradient/HVP of a loss of one tensor, HVP through a tiny MLP, distributed runs, tiny BiSSL
+loss/gradient/HVP of a loss of one tensor, the older vmap, HVP through a tiny MLP, distributed runs, tiny BiSSL
 models without BatchNorm, image folders / CIFAR-10 pickles written for the data tests, and the real
 packages of the integration tests."""
 from __future__ import annotations
@@ -60,6 +60,12 @@ def loss_grad_hvp(
     (grad,) = torch.autograd.grad(loss * g, z, create_graph=True)
     (hvp,) = torch.autograd.grad(grad, z, v)
     return loss.detach(), grad.detach(), hvp
+
+
+def prototype_vmap(fn: Callable, in_dims=0) -> Callable:
+    """The older vmap, the one behind ``torch.autograd.grad(..., is_grads_batched=True)`` and gradcheck's
+    batched checks (``torch.func.vmap`` is the other); bissl_fast's batching rules serve both."""
+    return torch._vmap_internals._vmap(fn, in_dims, 0)
 
 
 def mlp_hvp(loss_of_embeddings: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:

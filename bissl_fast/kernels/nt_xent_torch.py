@@ -5,7 +5,10 @@ The same three entry points, with the same signatures, as :mod:`bissl_fast.kerne
 
 * ``lse_forward(u, inv_tau, precision) -> lse [N]``;
 * ``lse_backward(u, lse, c, inv_tau, precision) -> (1/tau) (C P + P^T C) U``;
-* ``lse_double_backward(u, lse, c, w, inv_tau, precision) -> (grad_u, r)``.
+* ``lse_double_backward(u, lse, c, w, inv_tau, precision) -> (grad_u, r)``;
+* ``lse_backward_batched`` and ``lse_double_backward_batched``: the same for ``k`` weight vectors
+  ``c [k, N]`` or ``k`` cotangents ``w [k, N, D]`` at once (the batching rules of the ops, for batched
+  Hessian-vector products). The probabilities are computed once and shared by every vector.
 
 Up to ``_SINGLE_BLOCK_BYTES`` of logits (``N <= 2048`` in fp32) the whole ``N x N`` matrix is
 one block: by the symmetry of the logits, the transposed probabilities ``P^T`` and the cross
@@ -92,8 +95,24 @@ def _plus_transpose(m: torch.Tensor) -> torch.Tensor:
 
 
 def _cross(u: torch.Tensor, w: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
-    """Rows ``i0:i1`` of ``Q = W U^T + U W^T``."""
-    return torch.addmm(torch.mm(w[i0:i1], u.T), u[i0:i1], w.T)
+    """Rows ``i0:i1`` of ``Q = W U^T + U W^T``; for ``w [k, N, D]`` one ``[k, rows, N]`` block per cotangent."""
+    if w.dim() == 2:
+        return torch.addmm(torch.mm(w[i0:i1], u.T), u[i0:i1], w.T)
+    return torch.matmul(w[:, i0:i1], u.T).add_(torch.matmul(u[i0:i1], w.transpose(1, 2)))
+
+
+def _tangent_groups(k: int, block_elements: int) -> Iterator[tuple[int, int]]:
+    """``(j0, j1)`` ranges of vectors processed together: a few ``[j1 - j0, rows, N]`` buffers of at most
+    twice ``_SINGLE_BLOCK_BYTES`` (in fp32) each, so memory stays bounded for any ``k``."""
+    per_group = max(1, (2 * _SINGLE_BLOCK_BYTES // 4) // block_elements)
+    for j0 in range(0, k, per_group):
+        yield j0, min(k, j0 + per_group)
+
+
+def _times_each(m: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``m @ w[j]`` for every ``j`` of ``w [k, N, D]``, as one ``[rows, N] x [N, k*D]`` product."""
+    k, n, d = w.shape
+    return torch.mm(m, w.transpose(0, 1).reshape(n, k * d)).view(m.shape[0], k, d).transpose(0, 1)
 
 
 def lse_forward(u: torch.Tensor, inv_tau: float, precision: str) -> torch.Tensor:
@@ -163,3 +182,108 @@ def _single_block_double_backward(
     e = q.sub_(r[:, None]).mul_(weighted)  # E_ij = c_i P_ij (Q_ij - r_i)
     out = torch.mm(_plus_transpose(weighted), w).mul_(inv_tau)
     return out.add_(torch.mm(_plus_transpose(e), u), alpha=inv_tau * inv_tau)
+
+
+def lse_backward_batched(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: float, precision: str
+) -> torch.Tensor:
+    """:func:`lse_backward` for ``k`` weight vectors ``c [k, N]``: ``[k, N, D]`` in ``u.dtype``.
+
+    ``(C P + P^T C) U = c * (P U) + P^T (c * U)``: the probabilities and ``P U`` are shared by every
+    ``c``, and the ``P^T`` products of all ``k`` run as one ``[N, N] x [N, k*D]`` matmul.
+    """
+    out_dtype = u.dtype
+    u = u.to(lse.dtype)
+    n = u.shape[0]
+    out = empty_output(c.shape[0], n, u.shape[1], dtype=u.dtype, device=u.device)
+    weighted_u = c[:, :, None] * u
+    for i0, i1 in ((0, n),) if _single_block(u) else _row_blocks(n):
+        s = _masked_logits(u, i0, i1, inv_tau)
+        p_col = torch.sub(s, lse).exp_()  # P_ji for the rows i of this block, by symmetry of s
+        p_row = s.sub_(lse[i0:i1, None]).exp_()
+        rows = _times_each(p_col, weighted_u).addcmul_(c[:, i0:i1, None], torch.mm(p_row, u))
+        out[:, i0:i1] = rows.mul_(inv_tau)
+    return out.to(out_dtype)
+
+
+def lse_double_backward_batched(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lse_double_backward` for ``k`` cotangents ``w [k, N, D]`` and weights ``c [N]`` (shared) or
+    ``[k, N]``: ``(grad_u [k, N, D] in u.dtype, r [k, N])``.
+
+    The exponential pass and the products with ``P`` alone are done once for all ``k``; per cotangent
+    remain the tangent logits ``W U^T`` and the products that contain them.
+    """
+    out_dtype = u.dtype
+    u, w = u.to(lse.dtype), w.to(lse.dtype)
+    k, n = w.shape[0], u.shape[0]
+    r = empty_output(k, n, dtype=u.dtype, device=u.device)
+    out = empty_output(k, n, u.shape[1], dtype=u.dtype, device=u.device)
+    if _single_block(u):
+        _single_block_double_backward_batched(u, lse, c, w, inv_tau, r, out)
+    else:
+        _streamed_double_backward_batched(u, lse, c, w, inv_tau, r, out)
+    return out.to(out_dtype), r
+
+
+def _single_block_double_backward_batched(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float,
+    r: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """Writes ``r`` and ``out``. With ``A = W U^T`` and the symmetric ``S = C P + P^T C``:
+    ``r_i = w_i . (P U)_i + sum_j P_ij A_ji`` and ``E + E^T = T + T^T`` for ``T = S * A - diag(c r) P``
+    (the transposed terms of ``E + E^T`` pair up because ``S`` is symmetric). Per cotangent that is three
+    ``N x N x D`` matmuls (``A``, ``S W``, ``T U + T^T U`` as one with a transposed operand and one without)
+    and four elementwise passes, against the single-vector kernel's four matmuls, the exponentials and
+    about a dozen passes; no ``N x N`` transpose is copied per cotangent."""
+    n = u.shape[0]
+    p = _masked_logits(u, 0, n, inv_tau).sub_(lse[:, None]).exp_()
+    p_t = p.T.contiguous()
+    pu = torch.mm(p, u)
+    shared_s = _plus_transpose(p * c[:, None]) if c.dim() == 1 else None
+    for j0, j1 in _tangent_groups(w.shape[0], n * n):
+        wj = w[j0:j1]
+        a = torch.matmul(wj, u.T)  # A_ij = w_i . u_j
+        rj = torch.add((wj * pu).sum(-1), (a * p_t).sum(1), out=r[j0:j1])
+        if shared_s is None:
+            cj = c[j0:j1]
+            s = (cj[:, :, None] * p).add_(cj[:, None, :] * p_t)
+            first = torch.bmm(s, wj)
+        else:
+            cj, s = c, shared_s
+            first = _times_each(s, wj)
+        t = a.mul_(s).addcmul_(p, (cj * rj)[:, :, None], value=-1)
+        second = torch.matmul(t, u)
+        for i in range(j1 - j0):  # 2-D products read the transposed operand in place
+            second[i].addmm_(t[i].T, u)
+        torch.add(first.mul(inv_tau), second, alpha=inv_tau * inv_tau, out=out[j0:j1])
+
+
+def _streamed_double_backward_batched(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float,
+    r: torch.Tensor, out: torch.Tensor,
+) -> None:
+    """The two passes of :func:`lse_double_backward` over row blocks, each block's probabilities shared
+    by every cotangent."""
+    n, k = u.shape[0], w.shape[0]
+    cb = c if c.dim() == 2 else c[None]
+    rows = next(_row_blocks(n))[1]
+    groups = list(_tangent_groups(k, rows * n))
+    for i0, i1 in _row_blocks(n):  # pass 1: r_i = sum_j P_ij Q_ij
+        p = _masked_logits(u, i0, i1, inv_tau).sub_(lse[i0:i1, None]).exp_()
+        for j0, j1 in groups:
+            r[j0:j1, i0:i1] = (_cross(u, w[j0:j1], i0, i1).mul_(p)).sum(-1)
+    for i0, i1 in _row_blocks(n):  # pass 2: (C P + P^T C) W / tau + (E + E^T) U / tau^2
+        s = _masked_logits(u, i0, i1, inv_tau)
+        p_col = torch.sub(s, lse).exp_()
+        p_row = s.sub_(lse[i0:i1, None]).exp_()
+        for j0, j1 in groups:
+            cj = cb if cb.shape[0] == 1 else cb[j0:j1]
+            weighted_row = cj[:, i0:i1, None] * p_row
+            weighted_col = cj[:, None, :] * p_col
+            q = _cross(u, w[j0:j1], i0, i1)
+            e = weighted_row * (q - r[j0:j1, i0:i1, None])
+            e.addcmul_(weighted_col, q.sub_(r[j0:j1, None, :]))
+            grad = torch.matmul(weighted_row.add_(weighted_col), w[j0:j1]).mul_(inv_tau)
+            out[j0:j1, i0:i1] = grad.add_(torch.matmul(e, u), alpha=inv_tau * inv_tau)

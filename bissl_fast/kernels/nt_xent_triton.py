@@ -1,7 +1,9 @@
 """Launchers and routes of the NT-Xent Triton kernels (docs/design.md §2.1, "Triton routes").
 
 Entry points, with the names and signatures of ``nt_xent_torch.py``: :func:`lse_forward`,
-:func:`lse_backward`, :func:`lse_double_backward`. The kernels are in ``nt_xent_triton_kernels.py``.
+:func:`lse_backward`, :func:`lse_double_backward`, and for ``k`` vectors at once (batched Hessian-vector
+products) :func:`lse_backward_batched` and :func:`lse_double_backward_batched`: the same kernels in one
+launch, the vector index on the third grid axis. The kernels are in ``nt_xent_triton_kernels.py``.
 
 A launch's route (``triton_routes.Route``) follows from three things:
 
@@ -98,7 +100,7 @@ _TILES: dict[tuple[str, str, str], tuple[Tile, ...]] = {
     ("tf32", "fwd", "r256"): _tiles("64x64w8s2", "64x32w8s2", "32x32w4s2"),
     ("tf32", "fwd", "k"): _tiles("64x64w8s2", "64x32w8s2", "32x32w4s1"),
     ("tf32", "bwd", "r64"): _tiles("64x64w8s2", "64x64w4s2", "64x32w4s2"),
-    ("tf32", "bwd", "r128"): _tiles("64x64w8s2", "64x32w8s2", "32x64w4s2"),
+    ("tf32", "bwd", "r128"): _tiles("64x64w8s2", "64x32w8s2", "32x64w8s2"),
     ("tf32", "bwd", "r256"): _tiles("32x64w8s2", "32x32w4s2", "32x32w4s1"),
     ("tf32", "bwd", "k256"): _tiles("64x64w8s2", "64x32w8s2", "32x32w8s1"),
     ("tf32", "bwd_bwd_r", "r64"): _tiles("64x64w8s2", "64x64w4s2", "64x32w4s2"),
@@ -108,10 +110,10 @@ _TILES: dict[tuple[str, str, str], tuple[Tile, ...]] = {
     ("tf32", "bwd_bwd", "r64"): _tiles("64x32w4s2", "32x32w4s2", "32x32w8s1"),
     ("tf32", "bwd_bwd", "r128"): _tiles("32x32w4s2", "32x32w4s1"),
     ("tf32", "bwd_bwd", "r256"): _tiles("32x16w8s2", "16x32w8s1", "16x16w8s1"),
-    ("tf32", "bwd_bwd", "k256"): _tiles("32x32w8s1", "32x16w8s1", "16x32w8s1"),
+    ("tf32", "bwd_bwd", "k256"): _tiles("32x32w8s1", "32x16w8s1", "16x16w8s1"),
     # fp32 rows, exact (FMA) dots: small tiles and eight warps keep the per-thread products in registers.
     ("ieee", "fwd", "k"): _tiles("64x32w8s1", "32x32w8s1", "32x32w4s1"),
-    ("ieee", "bwd", "k64"): _tiles("64x32w8s1", "32x32w8s1"),
+    ("ieee", "bwd", "k64"): _tiles("64x32w8s1", "64x16w8s1"),
     ("ieee", "bwd", "k128"): _tiles("64x32w8s1", "32x64w8s1"),
     ("ieee", "bwd", "k256"): _tiles("64x32w8s1", "32x32w8s1"),
     ("ieee", "bwd_bwd_r", "k"): _tiles("64x32w8s1", "32x32w8s1", "32x32w4s1"),
@@ -160,7 +162,9 @@ def route(kernel_pass: str, dtype: torch.dtype, precision: str, d: int) -> Route
         blocks = {"BLOCK_K": _BLOCK_K, **({"BLOCK_DO": block_do} if pv else {})}
         width = f"k{block_do}" if pv else "k"
     ptr_types = {name: pointer(dtype) for name in row_ptrs} | {name: "*fp32" for name in fp32_ptrs}
-    scalars = {"N": "i32", "D": "i32", "stride": "i32", "inv_tau": "fp32"}
+    # *_batch: elements between consecutive vectors of a batched launch (0 for an argument they share).
+    scalars = {"N": "i32", "D": "i32", "stride": "i32", "inv_tau": "fp32", "w_batch": "i32", "c_batch": "i32",
+               "r_batch": "i32", "out_batch": "i32"}
     signature = tuple((name, ptr_types.get(name) or scalars[name]) for name in fn.arg_names
                       if name in ptr_types or name in scalars)
     constexprs = {**blocks, **_dot_options(precision, dtype, pv=pv)}
@@ -168,15 +172,15 @@ def route(kernel_pass: str, dtype: torch.dtype, precision: str, d: int) -> Route
                  _TILES[(group, kernel_pass, width)])
 
 
-def _rows_grid(n: int):
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]),)
+def _rows_grid(n: int, k: int = 1):
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), 1, k)
 
 
-def _out_grid(n: int, d: int, r: Route):
+def _out_grid(n: int, d: int, r: Route, k: int = 1):
     block_do = dict(r.constexprs).get("BLOCK_DO")
     if block_do is None:
-        return _rows_grid(n)
-    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do))
+        return _rows_grid(n, k)
+    return lambda meta: (triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(d, block_do), k)
 
 
 def lse_forward(u: torch.Tensor, inv_tau: float, precision: str) -> torch.Tensor:
@@ -189,10 +193,20 @@ def lse_forward(u: torch.Tensor, inv_tau: float, precision: str) -> torch.Tensor
 
 def lse_backward(u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: float, precision: str) -> torch.Tensor:
     """``(1/tau) (C P + P^T C) U`` as ``[N, D]`` in ``u.dtype``; ``lse, c`` are fp32 ``[N]``."""
+    return lse_backward_batched(u, lse, c[None], inv_tau, precision)[0]
+
+
+def lse_backward_batched(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, inv_tau: float, precision: str
+) -> torch.Tensor:
+    """:func:`lse_backward` for ``k`` weight vectors ``c [k, N]`` (fp32, contiguous): ``[k, N, D]``."""
     n, d = u.shape
-    out = empty_output(n, d, dtype=u.dtype, device=u.device)
+    k = c.shape[0]
+    out = empty_output(k, n, d, dtype=u.dtype, device=u.device)
+    if k == 0:
+        return out
     r = route("bwd", u.dtype, precision, d)
-    r.launch(_out_grid(n, d, r), u, lse, c, out, n, d, u.stride(0), inv_tau)
+    r.launch(_out_grid(n, d, r, k), u, lse, c, out, n, d, u.stride(0), inv_tau, n, n * d)
     return out
 
 
@@ -203,10 +217,25 @@ def lse_double_backward(
 
     ``grad_c = r / tau`` is formed by the caller. ``u`` and ``w`` share dtype and are contiguous.
     """
+    grad_u, r_out = lse_double_backward_batched(u, lse, c, w[None], inv_tau, precision)
+    return grad_u[0], r_out[0]
+
+
+def lse_double_backward_batched(
+    u: torch.Tensor, lse: torch.Tensor, c: torch.Tensor, w: torch.Tensor, inv_tau: float, precision: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lse_double_backward` for ``k`` cotangents ``w [k, N, D]`` (contiguous, ``u``'s dtype) and
+    weights ``c`` fp32 ``[N]`` (shared) or ``[k, N]``: ``(grad_u [k, N, D], r [k, N] fp32)``."""
     n, d = u.shape
-    r_out = empty_output(n, dtype=torch.float32, device=u.device)
-    out = empty_output(n, d, dtype=u.dtype, device=u.device)
-    route("bwd_bwd_r", u.dtype, precision, d).launch(_rows_grid(n), u, w, lse, r_out, n, d, u.stride(0), inv_tau)
+    k = w.shape[0]
+    r_out = empty_output(k, n, dtype=torch.float32, device=u.device)
+    out = empty_output(k, n, d, dtype=u.dtype, device=u.device)
+    if k == 0:
+        return out, r_out
+    c_batch = n if c.dim() == 2 else 0
+    route("bwd_bwd_r", u.dtype, precision, d).launch(_rows_grid(n, k), u, w, lse, r_out, n, d, u.stride(0), inv_tau,
+                                                     n * d, n)
     second = route("bwd_bwd", u.dtype, precision, d)
-    second.launch(_out_grid(n, d, second), u, w, lse, c, r_out, out, n, d, u.stride(0), inv_tau)
+    second.launch(_out_grid(n, d, second, k), u, w, lse, c, r_out, out, n, d, u.stride(0), inv_tau, n * d, c_batch,
+                  n, n * d)
     return out, r_out

@@ -14,7 +14,10 @@ available in the same tile, so each output row block is written by exactly one p
 no ``N x N`` buffer). Two kernel families: the "resident" kernels hold a program's ``[BLOCK_M, D]``
 rows (``D`` padded to ``BLOCK_D``) for the whole sweep and load each ``[BLOCK_N, D]`` column block
 once for both the logits dot and the probability-value dot; the K-loop kernels read ``D`` in chunks
-of ``BLOCK_K`` and split outputs over a second grid axis in chunks of ``BLOCK_DO``. Which family,
+of ``BLOCK_K`` and split outputs over a second grid axis in chunks of ``BLOCK_DO``. The backward and
+double backward take ``k`` weight vectors / cotangents in one launch on a third grid axis (batched
+Hessian-vector products; one vector when its size is 1): each vector's programs recompute their
+logits and probability tiles (the tiles of different vectors share only the cache). Which family,
 block widths and tiles a launch uses is decided in ``nt_xent_triton.py`` (the routes).
 Accumulation is fp32; fp32 dots use ``input_precision`` "ieee" or "tf32"; with fp16/bf16 inputs the
 logits dots run in the input dtype and the probability-value dots in bf16 (see ``_pv_dot``).
@@ -126,6 +129,13 @@ def _lse_fwd_kernel(u_ptr, lse_ptr, N, D, stride, inv_tau,
 
 
 @triton.jit
+def _tangent(ptr, batch_stride):
+    """``ptr`` advanced to vector ``program_id(2)`` of a batched launch (``k`` weight vectors or cotangents
+    at ``batch_stride`` elements apart; a stride of 0 for an argument all vectors share)."""
+    return ptr + tl.program_id(2).to(tl.int64) * batch_stride
+
+
+@triton.jit
 def _probabilities(s, rows, cols, row_ok, col_ok, lse_ptr, c_ptr):
     """Weighted row- and column-softmax tiles ``c_i P_ij`` and ``c_j P_ji`` (diagonal and padding 0)."""
     lse_r = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
@@ -139,10 +149,11 @@ def _probabilities(s, rows, cols, row_ok, col_ok, lse_ptr, c_ptr):
 
 
 @_launched
-def _lse_bwd_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_tau,
+def _lse_bwd_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_tau, c_batch, out_batch,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                     BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                     PV_BF16: tl.constexpr):
+    c_ptr, out_ptr = _tangent(c_ptr, c_batch), _tangent(out_ptr, out_batch)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -163,9 +174,10 @@ def _lse_bwd_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_tau,
 
 
 @_launched
-def _lse_bwd_bwd_r_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau,
+def _lse_bwd_bwd_r_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau, w_batch, r_batch,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    w_ptr, r_ptr = _tangent(w_ptr, w_batch), _tangent(r_ptr, r_batch)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -183,10 +195,13 @@ def _lse_bwd_bwd_r_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau,
 
 
 @_launched
-def _lse_bwd_bwd_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stride, inv_tau,
+def _lse_bwd_bwd_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stride, inv_tau, w_batch, c_batch,
+                        r_batch, out_batch,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                         BLOCK_DO: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                         PV_BF16: tl.constexpr):
+    w_ptr, c_ptr = _tangent(w_ptr, w_batch), _tangent(c_ptr, c_batch)
+    r_ptr, out_ptr = _tangent(r_ptr, r_batch), _tangent(out_ptr, out_batch)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
@@ -250,9 +265,10 @@ def _lse_fwd_resident_kernel(u_ptr, lse_ptr, N, D, stride, inv_tau,
 
 
 @_launched
-def _lse_bwd_resident_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_tau,
+def _lse_bwd_resident_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_tau, c_batch, out_batch,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                              PRECISION: tl.constexpr, UPCAST: tl.constexpr, PV_BF16: tl.constexpr):
+    c_ptr, out_ptr = _tangent(c_ptr, c_batch), _tangent(out_ptr, out_batch)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     ds = tl.arange(0, BLOCK_D)
@@ -271,9 +287,10 @@ def _lse_bwd_resident_kernel(u_ptr, lse_ptr, c_ptr, out_ptr, N, D, stride, inv_t
 
 
 @_launched
-def _lse_bwd_bwd_r_resident_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau,
+def _lse_bwd_bwd_r_resident_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, inv_tau, w_batch, r_batch,
                                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                    PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    w_ptr, r_ptr = _tangent(w_ptr, w_batch), _tangent(r_ptr, r_batch)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     ds = tl.arange(0, BLOCK_D)
@@ -296,9 +313,12 @@ def _lse_bwd_bwd_r_resident_kernel(u_ptr, w_ptr, lse_ptr, r_ptr, N, D, stride, i
 
 
 @_launched
-def _lse_bwd_bwd_resident_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stride, inv_tau,
+def _lse_bwd_bwd_resident_kernel(u_ptr, w_ptr, lse_ptr, c_ptr, r_ptr, out_ptr, N, D, stride, inv_tau, w_batch,
+                                 c_batch, r_batch, out_batch,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                                  PRECISION: tl.constexpr, UPCAST: tl.constexpr, PV_BF16: tl.constexpr):
+    w_ptr, c_ptr = _tangent(w_ptr, w_batch), _tangent(c_ptr, c_batch)
+    r_ptr, out_ptr = _tangent(r_ptr, r_batch), _tangent(out_ptr, out_batch)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < N
     ds = tl.arange(0, BLOCK_D)

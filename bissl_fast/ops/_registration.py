@@ -43,6 +43,14 @@ def _no_autograd(qualname: str) -> Callable:
     return backward
 
 
+def library(namespace: str) -> torch.library.Library:
+    """The one ``FRAGMENT`` library of ``namespace`` this package registers through (kept alive here: a
+    registration lives as long as its library object)."""
+    if namespace not in _LIBRARIES:
+        _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
+    return _LIBRARIES[namespace]
+
+
 def define_op(
     qualname: str, fake: Callable, autograd_from_caller: bool = False
 ) -> Callable[[Callable], torch._ops.OpOverload]:
@@ -55,9 +63,7 @@ def define_op(
     namespace, name = qualname.split("::")
 
     def register(kernel: Callable) -> torch._ops.OpOverload:
-        if namespace not in _LIBRARIES:
-            _LIBRARIES[namespace] = torch.library.Library(namespace, "FRAGMENT")
-        lib = _LIBRARIES[namespace]
+        lib = library(namespace)
         lib.define(name + torch.library.infer_schema(kernel, mutates_args=()))
         lib.impl(name, kernel, "CompositeExplicitAutograd")
         torch.library.register_fake(qualname, fake, lib=lib)

@@ -38,6 +38,7 @@ from torch import Tensor
 from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor
 from ._registration import assume_constant_result
+from .batch_norm_batching import register_batched_ops, register_batching_rules
 
 SUPPORTED_BACKENDS = OP_BACKENDS["batch_norm"].supported
 
@@ -167,7 +168,8 @@ _registered = False
 
 
 def extension_ops() -> None:
-    """Load the extension's ``torch.ops.bissl_fast.batch_norm_*`` and register their fake and autograd kernels."""
+    """Load the extension's ``torch.ops.bissl_fast.batch_norm_*`` and register their fake and autograd kernels
+    and batching rules."""
     global _registered
     if _registered:
         return
@@ -180,6 +182,8 @@ def extension_ops() -> None:
         torch.library.register_autograd("bissl_fast::batch_norm_fwd", _fwd_backward, setup_context=_fwd_setup)
         torch.library.register_autograd("bissl_fast::batch_norm_bwd", _bwd_backward, setup_context=_bwd_setup)
         torch.library.register_autograd("bissl_fast::batch_norm_dbwd", _dbwd_backward, setup_context=_dbwd_setup)
+        register_batched_ops()
+        register_batching_rules()
         _registered = True
 
 

@@ -35,6 +35,7 @@ from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor, check_same_device, check_same_shape
 from ._registration import assume_constant_result, define_op
 from ._transforms import for_transforms, transforms_active
+from .byol_batching import batched_hvp_fake, register_batched_hvp, register_batching_rules
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,8 @@ def extension_ops() -> _RowOps:
                 torch.library.register_fake("bissl_fast::byol_hvp", _fake_hvp)
                 ops = _RowOps(ns.byol_fwd.default, ns.byol_bwd.default, ns.byol_hvp.default)
                 _register_autograd("byol", ops)
+                register_batched_hvp("bissl_fast::byol_hvp_batched")
+                register_batching_rules("byol", ops.fwd, ops.bwd, ops.hvp, ns.byol_hvp_batched.default)
                 _extension_ops = ops
     return _extension_ops
 
@@ -166,8 +169,19 @@ def _triton_hvp(
     )
 
 
+@define_op("bissl_fast::byol_triton_hvp_batched", fake=batched_hvp_fake)
+def _triton_hvp_batched(
+    grad: Tensor, p: Tensor, t: Tensor, wp: Tensor, wt: Tensor | None, t_grad: bool
+) -> tuple[Tensor, Tensor, Tensor]:
+    return _triton_kernels().hvp_batched(
+        grad.contiguous(), p.contiguous(), t.contiguous(), wp.contiguous(),
+        None if wt is None else wt.contiguous(), t_grad,
+    )
+
+
 TRITON_OPS = _RowOps(_triton_fwd, _triton_bwd, _triton_hvp)
 _register_autograd("byol_triton", TRITON_OPS)
+register_batching_rules("byol_triton", TRITON_OPS.fwd, TRITON_OPS.bwd, TRITON_OPS.hvp, _triton_hvp_batched)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +229,9 @@ class BYOLLossFunction(torch.autograd.Function):
     (``create_graph=True``) works, including the cross terms when a target requires grad.
     """
 
+    # Under torch.func.vmap the forward and backward run on batched tensors and the ops' batching rules apply.
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
         ops = _row_ops(backend)
@@ -243,6 +260,8 @@ class _RowBackwardForwardAD(torch.autograd.Function):
     in ``(p, t)`` is that function's Hessian: symmetric, hence the JVP with tangents ``(wp, wt)`` is
     the ``byol_hvp`` VJP with cotangents ``(wp, wt)``; ``g`` enters linearly (another ``byol_bwd``).
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(g: Tensor, p: Tensor, t: Tensor, t_grad: bool, backend: str):

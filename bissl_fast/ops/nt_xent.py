@@ -44,6 +44,7 @@ from ..kernels.nt_xent_torch import accumulation_dtype
 from ..reference import NORMALIZE_EPS
 from ._registration import assume_constant_result, define_op
 from ._transforms import for_transforms
+from .nt_xent_batching import register_batching_rules
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
 
@@ -99,6 +100,9 @@ def _lse_double_backward_op(
     return _kernels(backend).lse_double_backward(u, lse, c, w, inv_tau, precision)
 
 
+register_batching_rules(_kernels)
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd layer.
 # --------------------------------------------------------------------------------------------
@@ -113,10 +117,17 @@ class _NTXentLseDoubleBackward(torch.autograd.Function):
     silently drops this term instead of raising.
     """
 
+    # Under torch.func.vmap the forward runs on batched tensors and the op's batching rule applies.
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, u, lse, c, w, inv_tau, backend, precision):
+    def forward(u, lse, c, w, inv_tau, backend, precision):
         grad_u, r = torch.ops.bissl_fast.nt_xent_lse_double_backward(u, lse, c, w, inv_tau, backend, precision)
         return grad_u, r.mul_(inv_tau)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
 
     @staticmethod
     def backward(ctx, *grads):
@@ -134,6 +145,8 @@ class _NTXentLseBackward(torch.autograd.Function):
     value: the gradient with respect to ``u`` already includes the dependence of ``lse`` on ``u``
     (the ``-r_i`` term), so no gradient flows to ``lse``.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(u, lse, c, inv_tau, backend, precision):
@@ -195,6 +208,8 @@ class NTXentFunction(torch.autograd.Function):
     once more (``create_graph=True`` then a second ``grad``); memory stays O(N*D) plus a few
     bounded logits blocks throughout.
     """
+
+    generate_vmap_rule = True
 
     @staticmethod
     def forward(u, temperature, backend="auto", precision="ieee"):

@@ -197,8 +197,10 @@ class HessianOperator:
     def matmat(self, vs: Sequence[torch.Tensor]) -> Tensors:
         """``k`` products at once: ``vs[i]`` is ``[k, *params[i].shape]``; returns the same layout.
 
-        ``rev-rev`` uses one batched double backward (``is_grads_batched=True``, vmap over the
-        cotangents); ``fwd-rev`` vmaps the jvp over the tangents.
+        ``rev-rev`` runs one double backward vmapped over the cotangents (``torch.func.vmap`` of
+        ``torch.autograd.grad``); ``fwd-rev`` vmaps the jvp over the tangents. The fused ops' batching
+        rules share their per-vector-independent work across the ``k`` vectors; what that buys is
+        measured in ``benchmarks/bench_solver.py`` (README, "Batched products").
         """
         self._check_alive()
         if isinstance(vs, torch.Tensor) or not isinstance(vs, (tuple, list)) or len(vs) != len(self._params):
@@ -211,7 +213,11 @@ class HessianOperator:
         if k < 1:
             raise ValueError("vs must hold k >= 1 vectors")
         self._check_vectors(vs)
-        if self.mode == "fwd-rev":
+        if k == 1:  # the vmap machinery costs more than it shares for one vector
+            single = tuple(t[0] for t in vs)
+            one = self._fwd_rev(single) if self.mode == "fwd-rev" else self._rev_rev(single, batched=False)
+            out = tuple(t.unsqueeze(0) for t in one)
+        elif self.mode == "fwd-rev":
             out = self._fwd_rev_batched(vs)
         else:
             out = self._rev_rev(vs, batched=True)
@@ -259,11 +265,16 @@ class HessianOperator:
             grads, index, retain = self._grads, self._grad_index, True
         if not index:
             return tuple(torch.zeros_like(t) for t in v)
-        hv = torch.autograd.grad(
-            grads, self._params, [v[i] for i in index],
-            retain_graph=retain, allow_unused=True, is_grads_batched=batched,
-        )
-        return tuple(torch.zeros_like(v[i]) if h is None else h.detach() for i, h in enumerate(hv))
+        if not batched:
+            hv = torch.autograd.grad(grads, self._params, [v[i] for i in index], retain_graph=retain, allow_unused=True)
+            return tuple(torch.zeros_like(v[i]) if h is None else h.detach() for i, h in enumerate(hv))
+
+        # torch.func.vmap rather than is_grads_batched: PyTorch's own convolution and BatchNorm backwards
+        # have batching rules only under torch.func (the older vmap loops over the vectors for them).
+        def product(*cotangents: torch.Tensor) -> Tensors:
+            return torch.autograd.grad(grads, self._params, cotangents, retain_graph=retain, materialize_grads=True)
+
+        return tuple(h.detach() for h in torch.func.vmap(product)(*(v[i] for i in index)))
 
     def _grad_fn(self) -> Callable[..., Tensors]:
         names = self._names
@@ -301,8 +312,8 @@ class HessianOperator:
             if "must override the setup_context" in str(exc) or "does not have vmap support" in str(exc):
                 raise RuntimeError(
                     "fwd-rev: loss_fn uses a torch.autograd.Function without torch.func support for this "
-                    "product (the fused bissl_fast.nt_xent / byol_loss support matvec but not the vmapped "
-                    "matmat); use mode='rev-rev', or the bissl_fast.reference losses"
+                    "product (it needs setup_context, a jvp rule, and for matmat generate_vmap_rule or a vmap "
+                    "rule; the fused bissl_fast losses have them); use mode='rev-rev'"
                 ) from exc
             if "mutate a captured Tensor" not in str(exc):
                 raise

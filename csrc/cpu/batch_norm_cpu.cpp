@@ -6,6 +6,8 @@
 //       -> (grad_input, grad_weight, grad_bias)                       vjp of batch_norm_fwd
 //   batch_norm_dbwd(ggI?, ggW?, ggB?, grad_out, input, weight?, save_mean, save_invstd, training, output_mask)
 //       -> (grad_input, grad_grad_out, grad_weight)                   vjp of batch_norm_bwd
+//   batch_norm_bwd_batched / batch_norm_dbwd_batched: the same for k tangents at once (grad_out of bwd,
+//       the cotangents ggI [k, N, C, *], ggW, ggB [k, C] of dbwd); outputs gain the leading k
 //
 // input is [N, C, *]; per-channel tensors are [C]. save_mean/save_invstd are in the accumulation dtype
 // (float for float/bf16/half, double for double): the batch statistics in training, the running ones
@@ -15,12 +17,14 @@
 // running statistics. batch_norm_dbwd differentiates through save_mean/save_invstd as functions of input
 // when training (they must be the batch statistics of input). Outputs not in output_mask are empty [0].
 // The arithmetic lives in bissl_fast/batch_norm_math.h, shared with the CUDA kernels; the autograd
-// formulas that chain the three ops are registered from Python (bissl_fast/ops/batch_norm.py).
+// formulas that chain the three ops are registered from Python (bissl_fast/ops/batch_norm.py), and so are
+// the batching rules that call the batched ops (bissl_fast/ops/batch_norm_batching.py).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <array>
 #include <type_traits>
 #include <vector>
@@ -69,6 +73,44 @@ struct DbwdArgs {
   T* gw;
   bool training;
   Geometry ly;
+};
+
+// Offset of tangent j's pointer in a batched tensor of `per_tangent` elements per tangent; null stays null.
+template <typename P>
+P* tangent_ptr(P* p, int64_t j, int64_t per_tangent) {
+  return p == nullptr ? nullptr : p + j * per_tangent;
+}
+
+// The batched ops: k tangents of grad_out (bwd) or of the cotangents (dbwd), stacked in front of the
+// input's shape ([k, N, C, *]) or of [C]; tangent(j) is the single-tangent argument set of tangent j.
+template <typename S, typename T>
+struct BwdBatchedArgs {
+  BwdArgs<S, T> base;  // tangent 0
+  int64_t k, numel;
+  BwdArgs<S, T> tangent(int64_t j) const {
+    BwdArgs<S, T> a = base;
+    a.g = tangent_ptr(a.g, j, numel);
+    a.gx = tangent_ptr(a.gx, j, numel);
+    a.gw = tangent_ptr(a.gw, j, a.ly.c);
+    a.gb = tangent_ptr(a.gb, j, a.ly.c);
+    return a;
+  }
+};
+
+template <typename S, typename T>
+struct DbwdBatchedArgs {
+  DbwdArgs<S, T> base;  // tangent 0
+  int64_t k, numel;
+  DbwdArgs<S, T> tangent(int64_t j) const {
+    DbwdArgs<S, T> a = base;
+    a.ggx = tangent_ptr(a.ggx, j, numel);
+    a.gi = tangent_ptr(a.gi, j, numel);
+    a.gg = tangent_ptr(a.gg, j, numel);
+    a.ggw = tangent_ptr(a.ggw, j, a.ly.c);
+    a.ggb = tangent_ptr(a.ggb, j, a.ly.c);
+    a.gw = tangent_ptr(a.gw, j, a.ly.c);
+    return a;
+  }
 };
 
 // kLanes accumulators of T in one vector (gcc/clang vector extension), for the row sums.
@@ -252,6 +294,95 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_dbwd_cpu(
   return {gi, gg, gw.to(param_dtype)};
 }
 
+at::Tensor empty_batch_output(bool wanted, int64_t k, const at::Tensor& like) {
+  if (!wanted) return at::empty({0}, like.options());
+  std::vector<int64_t> sizes{k};
+  sizes.insert(sizes.end(), like.sizes().begin(), like.sizes().end());
+  return empty_output(sizes, like.options());
+}
+
+at::Tensor empty_batch_channel_output(bool wanted, int64_t k, int64_t c, const at::TensorOptions& opts) {
+  return wanted ? empty_output({k, c}, opts) : at::empty({0}, opts);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_batched_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& input_in, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean_in, const at::Tensor& save_invstd_in, bool training, std::array<bool, 3> output_mask) {
+  const char* op = "batch_norm_bwd_batched";
+  const auto b = chk::bwd_batched_args(grad_out_in, input_in, weight, save_mean_in, save_invstd_in, op);
+  const auto& a = b.base;
+  const auto &input = a.input, &grad_out = a.grad_out, &w = a.w, &mean = a.mean, &invstd = a.invstd;
+  const auto& ly = a.ly;
+  const int64_t C = ly.c, K = b.k;
+  auto gx = empty_batch_output(output_mask[0], K, input);
+  auto gw = empty_batch_channel_output(output_mask[1], K, C, a.acc_opts);
+  auto gb = empty_batch_channel_output(output_mask[2], K, C, a.acc_opts);
+  if (K > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_bwd_batched_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const bc::BwdBatchedArgs<scalar_t, acc_t> args{{grad_out.const_data_ptr<scalar_t>(),
+                                                      input.const_data_ptr<scalar_t>(),
+                                                      data_or_null<scalar_t>(gx),
+                                                      w.const_data_ptr<acc_t>(),
+                                                      mean.const_data_ptr<acc_t>(),
+                                                      invstd.const_data_ptr<acc_t>(),
+                                                      data_or_null<acc_t>(gw),
+                                                      data_or_null<acc_t>(gb),
+                                                      training,
+                                                      geometry(ly)},
+                                                     K,
+                                                     input.numel()};
+      at::parallel_for(0, C, grain(ly), [&](int64_t c0, int64_t c1) {
+        BISSL_BN_BLOCK(bwd_batched_block, args, c0, c1);
+      });
+    });
+  }
+  const auto param_dtype = chk::param_dtype(weight, input);
+  return {gx, gw.to(param_dtype), gb.to(param_dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_dbwd_batched_cpu(
+    const std::optional<at::Tensor>& ggi_opt, const std::optional<at::Tensor>& ggw_opt,
+    const std::optional<at::Tensor>& ggb_opt, const at::Tensor& grad_out_in, const at::Tensor& input_in,
+    const std::optional<at::Tensor>& weight, const at::Tensor& save_mean_in, const at::Tensor& save_invstd_in,
+    bool training, std::array<bool, 3> output_mask) {
+  const char* op = "batch_norm_dbwd_batched";
+  const auto b = chk::dbwd_batched_args(ggi_opt, ggw_opt, ggb_opt, grad_out_in, input_in, weight, save_mean_in,
+                                        save_invstd_in, op);
+  const auto &input = b.base.input, &grad_out = b.base.grad_out, &w = b.base.w, &mean = b.base.mean,
+             &invstd = b.base.invstd, &ggi = b.ggi, &ggw = b.ggw, &ggb = b.ggb;
+  const auto& ly = b.base.ly;
+  const int64_t C = ly.c, K = b.k;
+  auto gi = empty_batch_output(output_mask[0], K, input);
+  auto gg = empty_batch_output(output_mask[1], K, input);
+  auto gw = empty_batch_channel_output(output_mask[2], K, C, b.base.acc_opts);
+  if (K > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "batch_norm_dbwd_batched_cpu", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      const bc::DbwdBatchedArgs<scalar_t, acc_t> args{{ggi.defined() ? ggi.const_data_ptr<scalar_t>() : nullptr,
+                                                       grad_out.const_data_ptr<scalar_t>(),
+                                                       input.const_data_ptr<scalar_t>(),
+                                                       data_or_null<scalar_t>(gi),
+                                                       data_or_null<scalar_t>(gg),
+                                                       ggw.const_data_ptr<acc_t>(),
+                                                       ggb.const_data_ptr<acc_t>(),
+                                                       w.const_data_ptr<acc_t>(),
+                                                       mean.const_data_ptr<acc_t>(),
+                                                       invstd.const_data_ptr<acc_t>(),
+                                                       data_or_null<acc_t>(gw),
+                                                       training,
+                                                       geometry(ly)},
+                                                      K,
+                                                      input.numel()};
+      at::parallel_for(0, C, grain(ly), [&](int64_t c0, int64_t c1) {
+        BISSL_BN_BLOCK(dbwd_batched_block, args, c0, c1);
+      });
+    });
+  }
+  const auto param_dtype = chk::param_dtype(weight, input);
+  return {gi, gg, gw.to(param_dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bissl_fast, m) {
@@ -264,12 +395,20 @@ TORCH_LIBRARY_FRAGMENT(bissl_fast, m) {
   m.def(
       "batch_norm_dbwd(Tensor? ggI, Tensor? ggW, Tensor? ggB, Tensor grad_out, Tensor input, Tensor? weight, "
       "Tensor save_mean, Tensor save_invstd, bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_bwd_batched(Tensor grad_out, Tensor input, Tensor? weight, Tensor save_mean, Tensor save_invstd, "
+      "bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "batch_norm_dbwd_batched(Tensor? ggI, Tensor? ggW, Tensor? ggB, Tensor grad_out, Tensor input, Tensor? weight, "
+      "Tensor save_mean, Tensor save_invstd, bool training, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bissl_fast, CPU, m) {
   m.impl("batch_norm_fwd", &batch_norm_fwd_cpu);
   m.impl("batch_norm_bwd", &batch_norm_bwd_cpu);
   m.impl("batch_norm_dbwd", &batch_norm_dbwd_cpu);
+  m.impl("batch_norm_bwd_batched", &batch_norm_bwd_batched_cpu);
+  m.impl("batch_norm_dbwd_batched", &batch_norm_dbwd_batched_cpu);
 }
 
 }  // namespace bissl_fast

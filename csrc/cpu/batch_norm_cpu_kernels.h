@@ -107,6 +107,33 @@ inline void row_sums_dbwd(const S* gg, const S* g, const S* x, int64_t n, T mean
   s_ggg += lanes_total<T>(e);
 }
 
+// The cotangent's part of row_sums_dbwd (same lanes, same order), for the batched double backward.
+template <typename T, typename S>
+inline void row_sums_cotangent(const S* gg, const S* g, const S* x, int64_t n, T mean, T& s_gg, T& s_ggx,
+                               T& s_ggg) {
+  LaneVec<T> c = {}, d = {}, e = {}, gv = {}, ggv = {}, xc = {};
+  int64_t i = 0;
+  for (; i + bn::kLanes <= n; i += bn::kLanes) {
+    load_lanes<T>(gv, g + i);
+    load_lanes<T>(ggv, gg + i);
+    load_lanes<T>(xc, x + i);
+    xc -= mean;
+    c += ggv;
+    d += ggv * xc;
+    e += ggv * gv;
+  }
+  for (; i < n; ++i) {
+    const T gs = static_cast<T>(g[i]), ggs = static_cast<T>(gg[i]);
+    const T xs = static_cast<T>(x[i]) - mean;
+    c[0] += ggs;
+    d[0] += ggs * xs;
+    e[0] += ggs * gs;
+  }
+  s_gg += lanes_total<T>(c);
+  s_ggx += lanes_total<T>(d);
+  s_ggg += lanes_total<T>(e);
+}
+
 // [N, C] inputs (L = 1): calls f(row, k) for row n (pointing at its channel c0) and k in [0, c1 - c0),
 // so the loop over k is contiguous and, with one accumulator per channel, vectorizes.
 template <typename S, typename F>
@@ -322,4 +349,97 @@ void dbwd_block(const DbwdArgs<S, T>& a, int64_t c0, int64_t c1) {
   } else {
     dbwd_outputs<false>(a, coef, c0, c1);
   }
+}
+
+// Batched ops (k cotangents at once, for batched Hessian-vector products): a few channels are finished for
+// every cotangent before the next few, so their input (and, for the double backward, grad_out) is read from
+// cache after the first cotangent. The task's channel range [c0, c1) is not small enough for that: with one
+// thread at::parallel_for hands the whole tensor to one task.
+
+// Channels per cache block: each shared input's slice stays within kBatchedBlockBytes, so the shared
+// inputs and one cotangent's slice (read twice: sums, then outputs) fit in a 1-2 MiB L2 together. [N, C]
+// inputs (L = 1) take at least a cache line of channels: a row's slice is then whole lines.
+constexpr int64_t kBatchedBlockBytes = int64_t(1) << 18;
+constexpr int64_t kCacheLineBytes = 64;
+
+template <typename S>
+int64_t batched_block_channels(const Geometry& ly) {
+  const int64_t elem = static_cast<int64_t>(sizeof(S));
+  const int64_t channels = kBatchedBlockBytes / (std::max<int64_t>(ly.n * ly.l, 1) * elem);
+  return std::max<int64_t>(channels, ly.l == 1 ? kCacheLineBytes / elem : 1);
+}
+
+template <typename S, typename T>
+void bwd_batched_block(const BwdBatchedArgs<S, T>& a, int64_t c0, int64_t c1) {
+  const int64_t step = batched_block_channels<S>(a.base.ly);
+  for (int64_t b0 = c0; b0 < c1; b0 += step) {
+    const int64_t b1 = std::min(c1, b0 + step);
+    for (int64_t j = 0; j < a.k; ++j) bwd_block(a.tangent(j), b0, b1);
+  }
+}
+
+template <typename S, typename T>
+void dbwd_batched_channels(const DbwdBatchedArgs<S, T>& a, int64_t c0, int64_t c1) {
+  const Geometry& ly = a.base.ly;
+  const int64_t nc = c1 - c0;
+  const T m = static_cast<T>(ly.n * ly.l);
+  // sum g and sum g (x - mean) do not depend on the cotangent: the first cotangent's sweep reduces them with
+  // its own three sums (dbwd_block's loops, so every result equals the single-tangent op's bit for bit), the
+  // later cotangents reduce only their three.
+  std::vector<T> s_g(nc, T(0)), s_gx(nc, T(0)), s_gg(nc), s_ggx(nc), s_ggg(nc);
+  std::vector<bn::DbwdCoef<T>> coef(nc);
+  for (int64_t j = 0; j < a.k; ++j) {
+    const DbwdArgs<S, T> t = a.tangent(j);
+    std::fill(s_gg.begin(), s_gg.end(), T(0));
+    std::fill(s_ggx.begin(), s_ggx.end(), T(0));
+    std::fill(s_ggg.begin(), s_ggg.end(), T(0));
+    const bool shared_too = j == 0;
+    if (ly.l == 1 && t.ggx != nullptr) {
+      const T* mu = t.mean + c0;
+      for (int64_t n = 0; n < ly.n; ++n) {
+        const int64_t row = n * ly.c + c0;
+        const S *gr = t.g + row, *xr = t.x + row, *ggr = t.ggx + row;
+        for (int64_t k = 0; k < nc; ++k) {
+          const T gv = static_cast<T>(gr[k]), ggv = static_cast<T>(ggr[k]), xc = static_cast<T>(xr[k]) - mu[k];
+          if (shared_too) {
+            s_g[k] += gv;
+            s_gx[k] += gv * xc;
+          }
+          s_gg[k] += ggv;
+          s_ggx[k] += ggv * xc;
+          s_ggg[k] += ggv * gv;
+        }
+      }
+    } else {
+      for_runs(ly, c0, c1, [&](int64_t k, int64_t off) {
+        const T mu = t.mean[c0 + k];
+        if (t.ggx != nullptr && shared_too) {
+          row_sums_dbwd<T>(t.ggx + off, t.g + off, t.x + off, ly.l, mu, s_g[k], s_gx[k], s_gg[k], s_ggx[k],
+                           s_ggg[k]);
+        } else if (t.ggx != nullptr) {
+          row_sums_cotangent<T>(t.ggx + off, t.g + off, t.x + off, ly.l, mu, s_gg[k], s_ggx[k], s_ggg[k]);
+        } else if (shared_too) {
+          row_sums_bwd<T>(t.g + off, t.x + off, ly.l, mu, s_g[k], s_gx[k]);
+        }
+      });
+    }
+    for (int64_t k = 0; k < nc; ++k) {
+      const int64_t c = c0 + k;
+      coef[k] = bn::dbwd_coef(t.training, m, t.invstd[c], t.w[c], s_g[k], s_gx[k], s_gg[k], s_ggx[k], s_ggg[k],
+                              t.ggw[c], t.ggb[c]);
+      if (t.gw != nullptr) t.gw[c] = coef[k].gw;
+    }
+    if (t.gi == nullptr && t.gg == nullptr) continue;
+    if (t.ggx != nullptr) {
+      dbwd_outputs<true>(t, coef, c0, c1);
+    } else {
+      dbwd_outputs<false>(t, coef, c0, c1);
+    }
+  }
+}
+
+template <typename S, typename T>
+void dbwd_batched_block(const DbwdBatchedArgs<S, T>& a, int64_t c0, int64_t c1) {
+  const int64_t step = batched_block_channels<S>(a.base.ly);
+  for (int64_t b0 = c0; b0 < c1; b0 += step) dbwd_batched_channels(a, b0, std::min(c1, b0 + step));
 }

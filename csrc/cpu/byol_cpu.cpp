@@ -3,10 +3,13 @@
 //   byol_fwd(p, t)                              -> loss [B]        2 - 2 cos(p_b, t_b)
 //   byol_bwd(grad, p, t, t_grad)                -> (dp, dt)        vjp of byol_fwd
 //   byol_hvp(grad, p, t, wp, wt?, t_grad)       -> (dgrad, dp, dt) vjp of byol_bwd (double backward)
+//   byol_hvp_batched(grad, p, t, wp, wt?, t_grad)  byol_hvp for k cotangents wp, wt [k, B, D] at once
+//                                               -> (dgrad [k, B], dp [k, B, D], dt [k, B, D] or [0])
 //
 // p, t, wp, wt are [B, D]; grad and dgrad are [B]. dt is [B, D] when t_grad, else an empty [0]
 // tensor (targets are normally detached, so the kernel skips that write). An absent wt is a zero
-// cotangent. The arithmetic lives in bissl_fast/byol_math.h, shared with the CUDA kernel; the
+// cotangent. The batched op (the batching rule of byol_hvp, for batched Hessian-vector products) reduces
+// each row's norms once for all k cotangents. The arithmetic lives in bissl_fast/byol_math.h, shared with the CUDA kernel; the
 // autograd formulas that chain the three ops are registered from Python (bissl_fast/byol.py).
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -25,6 +28,7 @@ namespace {
 
 namespace bm = byol;
 
+using byol_checks::check_batch_like;
 using byol_checks::check_grad;
 using byol_checks::check_like;
 using byol_checks::check_rows;
@@ -215,19 +219,47 @@ std::tuple<at::Tensor, at::Tensor> byol_bwd_cpu(const at::Tensor& grad_in, const
   return {dp, dt};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cpu(const at::Tensor& grad_in, const at::Tensor& p_in,
-                                                            const at::Tensor& t_in, const at::Tensor& wp_in,
-                                                            const std::optional<at::Tensor>& wt_opt, bool t_grad) {
-  check_rows(p_in, t_in, "byol_hvp");
-  check_grad(grad_in, p_in, "byol_hvp");
-  check_like(wp_in, p_in, "wp", "byol_hvp");
-  if (wt_opt.has_value()) check_like(*wt_opt, p_in, "wt", "byol_hvp");
-  const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous(), wp = wp_in.contiguous();
-  const at::Tensor wt = wt_opt.has_value() ? wt_opt->contiguous() : at::Tensor();
+// The double backward of one row pair for one cotangent (wp, wt?), given the row's norms: the four
+// cotangent dot products, the coefficients, then one branch-free loop per (output, wt present) case, so
+// each one vectorizes.
+template <typename scalar_t, typename acc_t>
+inline void hvp_row(const bm::Row<acc_t>& row, acc_t g, const scalar_t* pr, const scalar_t* tr, const scalar_t* wpr,
+                    const scalar_t* wtr, int64_t D, scalar_t* dgp, scalar_t* dpr, scalar_t* dtr) {
+  acc_t s_pwp, s_twp, s_pwt = 0, s_twt = 0;
+  fast_row_sums_with<acc_t>(pr, tr, wpr, D, s_pwp, s_twp);
+  if (wtr) fast_row_sums_with<acc_t>(pr, tr, wtr, D, s_pwt, s_twt);
+  const auto k = bm::hvp_coef(row, g, s_pwp, s_twp, s_pwt, s_twt);
+  *dgp = static_cast<scalar_t>(k.dg);
+  if (wtr) {
+    for (int64_t i = 0; i < D; ++i) {
+      const acc_t x = pr[i], y = tr[i], w = wpr[i], z = wtr[i];
+      dpr[i] = static_cast<scalar_t>(k.p_p * x + k.p_t * y + k.p_wp * w + k.p_wt * z);
+    }
+    if (dtr) {
+      for (int64_t i = 0; i < D; ++i) {
+        const acc_t x = pr[i], y = tr[i], w = wpr[i], z = wtr[i];
+        dtr[i] = static_cast<scalar_t>(k.t_p * x + k.t_t * y + k.t_wp * w + k.t_wt * z);
+      }
+    }
+  } else {
+    for (int64_t i = 0; i < D; ++i) {
+      const acc_t x = pr[i], y = tr[i], w = wpr[i];
+      dpr[i] = static_cast<scalar_t>(k.p_p * x + k.p_t * y + k.p_wp * w);
+    }
+    if (dtr) {
+      for (int64_t i = 0; i < D; ++i) {
+        const acc_t x = pr[i], y = tr[i], w = wpr[i];
+        dtr[i] = static_cast<scalar_t>(k.t_p * x + k.t_t * y + k.t_wp * w);
+      }
+    }
+  }
+}
+
+// byol_hvp over K cotangents (K = 1: the op itself; wp, wt, dgrad, dp, dt hold K consecutive [B, ...]
+// blocks): each row's norms are reduced once, then the row is combined with every cotangent.
+void hvp_rows(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& t, const at::Tensor& wp,
+              const at::Tensor& wt, at::Tensor& dgrad, at::Tensor& dp, at::Tensor& dt, bool t_grad, int64_t K) {
   const int64_t B = p.size(0), D = p.size(1);
-  auto dgrad = empty_output({B}, p.options());
-  auto dp = empty_output_like(p);
-  auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "byol_hvp_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* pp = p.const_data_ptr<scalar_t>();
@@ -238,48 +270,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cpu(const at::Tensor& gr
     scalar_t* dgp = dgrad.mutable_data_ptr<scalar_t>();
     scalar_t* dpp = dp.mutable_data_ptr<scalar_t>();
     scalar_t* dtp = t_grad ? dt.mutable_data_ptr<scalar_t>() : nullptr;
-    at::parallel_for(0, B, grain(D), [&](int64_t lo, int64_t hi) {
+    at::parallel_for(0, B, std::max<int64_t>(1, grain(D) / K), [&](int64_t lo, int64_t hi) {
       for (int64_t b = lo; b < hi; ++b) {
         const scalar_t* pr = pp + b * D;
         const scalar_t* tr = tp + b * D;
-        const scalar_t* wpr = wpp + b * D;
-        const scalar_t* wtr = wtp ? wtp + b * D : nullptr;
-        acc_t s_pp, s_tt, s_pt, s_pwp, s_twp, s_pwt = 0, s_twt = 0;
-        fast_row_sums<acc_t>(pr, tr, D, s_pp, s_tt, s_pt);
-        fast_row_sums_with<acc_t>(pr, tr, wpr, D, s_pwp, s_twp);
-        if (wtr) fast_row_sums_with<acc_t>(pr, tr, wtr, D, s_pwt, s_twt);
-        const auto row = bm::make_row<acc_t>(s_pp, s_tt, s_pt);
-        const auto k = bm::hvp_coef(row, static_cast<acc_t>(g[b]), s_pwp, s_twp, s_pwt, s_twt);
-        dgp[b] = static_cast<scalar_t>(k.dg);
-        scalar_t* dpr = dpp + b * D;
-        scalar_t* dtr = dtp ? dtp + b * D : nullptr;
-        // One branch-free loop per (output, wt present) case, so each one vectorizes.
-        if (wtr) {
-          for (int64_t i = 0; i < D; ++i) {
-            const acc_t x = pr[i], y = tr[i], w = wpr[i], z = wtr[i];
-            dpr[i] = static_cast<scalar_t>(k.p_p * x + k.p_t * y + k.p_wp * w + k.p_wt * z);
-          }
-          if (dtr) {
-            for (int64_t i = 0; i < D; ++i) {
-              const acc_t x = pr[i], y = tr[i], w = wpr[i], z = wtr[i];
-              dtr[i] = static_cast<scalar_t>(k.t_p * x + k.t_t * y + k.t_wp * w + k.t_wt * z);
-            }
-          }
-        } else {
-          for (int64_t i = 0; i < D; ++i) {
-            const acc_t x = pr[i], y = tr[i], w = wpr[i];
-            dpr[i] = static_cast<scalar_t>(k.p_p * x + k.p_t * y + k.p_wp * w);
-          }
-          if (dtr) {
-            for (int64_t i = 0; i < D; ++i) {
-              const acc_t x = pr[i], y = tr[i], w = wpr[i];
-              dtr[i] = static_cast<scalar_t>(k.t_p * x + k.t_t * y + k.t_wp * w);
-            }
-          }
+        const auto row = fast_row_from<acc_t>(pr, tr, D);
+        for (int64_t j = 0; j < K; ++j) {
+          const int64_t off = (j * B + b) * D;
+          hvp_row<scalar_t, acc_t>(row, static_cast<acc_t>(g[b]), pr, tr, wpp + off, wtp ? wtp + off : nullptr, D,
+                                   dgp + j * B + b, dpp + off, dtp ? dtp + off : nullptr);
         }
       }
     });
   });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cpu(const at::Tensor& grad_in, const at::Tensor& p_in,
+                                                            const at::Tensor& t_in, const at::Tensor& wp_in,
+                                                            const std::optional<at::Tensor>& wt_opt, bool t_grad) {
+  check_rows(p_in, t_in, "byol_hvp");
+  check_grad(grad_in, p_in, "byol_hvp");
+  check_like(wp_in, p_in, "wp", "byol_hvp");
+  if (wt_opt.has_value()) check_like(*wt_opt, p_in, "wt", "byol_hvp");
+  const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous(), wp = wp_in.contiguous();
+  const at::Tensor wt = wt_opt.has_value() ? wt_opt->contiguous() : at::Tensor();
+  auto dgrad = empty_output({p.size(0)}, p.options());
+  auto dp = empty_output_like(p);
+  auto dt = t_grad ? empty_output_like(t) : at::empty({0}, p.options());
+  hvp_rows(grad, p, t, wp, wt, dgrad, dp, dt, t_grad, 1);
+  return {dgrad, dp, dt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_batched_cpu(const at::Tensor& grad_in, const at::Tensor& p_in,
+                                                                    const at::Tensor& t_in, const at::Tensor& wp_in,
+                                                                    const std::optional<at::Tensor>& wt_opt,
+                                                                    bool t_grad) {
+  const char* op = "byol_hvp_batched";
+  check_rows(p_in, t_in, op);
+  check_grad(grad_in, p_in, op);
+  check_batch_like(wp_in, p_in, "wp", op);
+  if (wt_opt.has_value()) {
+    check_batch_like(*wt_opt, p_in, "wt", op);
+    TORCH_CHECK(wt_opt->size(0) == wp_in.size(0), op, ": wp and wt must hold the same number of cotangents, got ",
+                wp_in.size(0), " and ", wt_opt->size(0));
+  }
+  const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous(), wp = wp_in.contiguous();
+  const at::Tensor wt = wt_opt.has_value() ? wt_opt->contiguous() : at::Tensor();
+  const int64_t K = wp.size(0), B = p.size(0), D = p.size(1);
+  auto dgrad = empty_output({K, B}, p.options());
+  auto dp = empty_output({K, B, D}, p.options());
+  auto dt = t_grad ? empty_output({K, B, D}, p.options()) : at::empty({0}, p.options());
+  if (K > 0) hvp_rows(grad, p, t, wp, wt, dgrad, dp, dt, t_grad, K);
   return {dgrad, dp, dt};
 }
 
@@ -289,12 +330,16 @@ TORCH_LIBRARY_FRAGMENT(bissl_fast, m) {
   m.def("byol_fwd(Tensor p, Tensor t) -> Tensor");
   m.def("byol_bwd(Tensor grad, Tensor p, Tensor t, bool t_grad) -> (Tensor, Tensor)");
   m.def("byol_hvp(Tensor grad, Tensor p, Tensor t, Tensor wp, Tensor? wt, bool t_grad) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "byol_hvp_batched(Tensor grad, Tensor p, Tensor t, Tensor wp, Tensor? wt, bool t_grad) -> (Tensor, Tensor, "
+      "Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(bissl_fast, CPU, m) {
   m.impl("byol_fwd", &byol_fwd_cpu);
   m.impl("byol_bwd", &byol_bwd_cpu);
   m.impl("byol_hvp", &byol_hvp_cpu);
+  m.impl("byol_hvp_batched", &byol_hvp_batched_cpu);
 }
 
 }  // namespace bissl_fast

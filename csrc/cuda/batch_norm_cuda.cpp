@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 
 #include <array>
+#include <vector>
 
 #include "../batch_norm_checks.h"
 #include "../cuda_dtype.h"
@@ -111,12 +112,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_dbwd_cuda(
   return {gi, gg, gw.to(param_dtype)};
 }
 
+at::Tensor empty_batch_output(bool wanted, int64_t k, const at::Tensor& like) {
+  if (!wanted) return at::empty({0}, like.options());
+  std::vector<int64_t> sizes{k};
+  sizes.insert(sizes.end(), like.sizes().begin(), like.sizes().end());
+  return empty_output(sizes, like.options());
+}
+
+at::Tensor empty_batch_channel_output(bool wanted, int64_t k, int64_t c, const at::TensorOptions& opts) {
+  return wanted ? empty_output({k, c}, opts) : at::empty({0}, opts);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_bwd_batched_cuda(
+    const at::Tensor& grad_out_in, const at::Tensor& input_in, const std::optional<at::Tensor>& weight,
+    const at::Tensor& save_mean_in, const at::Tensor& save_invstd_in, bool training, std::array<bool, 3> output_mask) {
+  const char* op = "batch_norm_bwd_batched";
+  const c10::cuda::CUDAGuard guard(input_in.device());
+  const auto b = chk::bwd_batched_args(grad_out_in, input_in, weight, save_mean_in, save_invstd_in, op);
+  const auto& a = b.base;
+  const auto& ly = a.ly;
+  const int64_t C = ly.c, K = b.k;
+  check_grid(C, op);
+  TORCH_CHECK(K <= 65535, op, ": at most 65535 tangents per call, got ", K);
+  auto gx = empty_batch_output(output_mask[0], K, a.input);
+  auto gw = empty_batch_channel_output(output_mask[1], K, C, a.acc_opts);
+  auto gb = empty_batch_channel_output(output_mask[2], K, C, a.acc_opts);
+  C10_CUDA_CHECK(bwd_batched(dtype_of(a.input, op), a.grad_out.const_data_ptr(), a.input.const_data_ptr(),
+                             a.w.const_data_ptr(), a.mean.const_data_ptr(), a.invstd.const_data_ptr(), data_or_null(gx),
+                             data_or_null(gw), data_or_null(gb), K, ly.n, ly.c, ly.l, training,
+                             c10::cuda::getCurrentCUDAStream()));
+  const auto param_dtype = chk::param_dtype(weight, a.input);
+  return {gx, gw.to(param_dtype), gb.to(param_dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_dbwd_batched_cuda(
+    const std::optional<at::Tensor>& ggi_opt, const std::optional<at::Tensor>& ggw_opt,
+    const std::optional<at::Tensor>& ggb_opt, const at::Tensor& grad_out_in, const at::Tensor& input_in,
+    const std::optional<at::Tensor>& weight, const at::Tensor& save_mean_in, const at::Tensor& save_invstd_in,
+    bool training, std::array<bool, 3> output_mask) {
+  const char* op = "batch_norm_dbwd_batched";
+  const c10::cuda::CUDAGuard guard(input_in.device());
+  const auto b = chk::dbwd_batched_args(ggi_opt, ggw_opt, ggb_opt, grad_out_in, input_in, weight, save_mean_in,
+                                        save_invstd_in, op);
+  const auto& a = b.base;
+  const auto& ly = a.ly;
+  const int64_t C = ly.c, K = b.k;
+  check_grid(C, op);
+  auto gi = empty_batch_output(output_mask[0], K, a.input);
+  auto gg = empty_batch_output(output_mask[1], K, a.input);
+  auto gw = empty_batch_channel_output(output_mask[2], K, C, a.acc_opts);
+  C10_CUDA_CHECK(dbwd_batched(dtype_of(a.input, op), b.ggi.defined() ? b.ggi.const_data_ptr() : nullptr,
+                              b.ggw.const_data_ptr(), b.ggb.const_data_ptr(), a.grad_out.const_data_ptr(),
+                              a.input.const_data_ptr(), a.w.const_data_ptr(), a.mean.const_data_ptr(),
+                              a.invstd.const_data_ptr(), data_or_null(gi), data_or_null(gg), data_or_null(gw), K, ly.n,
+                              ly.c, ly.l, training, c10::cuda::getCurrentCUDAStream()));
+  const auto param_dtype = chk::param_dtype(weight, a.input);
+  return {gi, gg, gw.to(param_dtype)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bissl_fast, CUDA, m) {
   m.impl("batch_norm_fwd", &batch_norm_fwd_cuda);
   m.impl("batch_norm_bwd", &batch_norm_bwd_cuda);
   m.impl("batch_norm_dbwd", &batch_norm_dbwd_cuda);
+  m.impl("batch_norm_bwd_batched", &batch_norm_bwd_batched_cuda);
+  m.impl("batch_norm_dbwd_batched", &batch_norm_dbwd_batched_cuda);
 }
 
 }  // namespace batch_norm_cuda

@@ -18,6 +18,7 @@ namespace byol_cuda {
 
 namespace {
 
+using byol_checks::check_batch_like;
 using byol_checks::check_grad;
 using byol_checks::check_like;
 using byol_checks::check_rows;
@@ -72,12 +73,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_cuda(const at::Tensor& g
   return {dgrad, dp, dt};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> byol_hvp_batched_cuda(const at::Tensor& grad_in,
+                                                                     const at::Tensor& p_in, const at::Tensor& t_in,
+                                                                     const at::Tensor& wp_in,
+                                                                     const std::optional<at::Tensor>& wt_opt,
+                                                                     bool t_grad) {
+  const char* op = "byol_hvp_batched";
+  check_rows(p_in, t_in, op);
+  check_grad(grad_in, p_in, op);
+  check_batch_like(wp_in, p_in, "wp", op);
+  if (wt_opt.has_value()) {
+    check_batch_like(*wt_opt, p_in, "wt", op);
+    TORCH_CHECK(wt_opt->size(0) == wp_in.size(0), op, ": wp and wt must hold the same number of cotangents, got ",
+                wp_in.size(0), " and ", wt_opt->size(0));
+  }
+  const c10::cuda::CUDAGuard guard(p_in.device());
+  const auto p = p_in.contiguous(), t = t_in.contiguous(), grad = grad_in.contiguous(), wp = wp_in.contiguous();
+  const at::Tensor wt = wt_opt.has_value() ? wt_opt->contiguous() : at::Tensor();
+  const int64_t K = wp.size(0), B = p.size(0), D = p.size(1);
+  auto dgrad = empty_output({K, B}, p.options());
+  auto dp = empty_output({K, B, D}, p.options());
+  auto dt = t_grad ? empty_output({K, B, D}, p.options()) : at::empty({0}, p.options());
+  const DType dtype = cuda_dtype(p.scalar_type(), op);
+  C10_CUDA_CHECK(hvp_batched(dtype, grad.const_data_ptr(), p.const_data_ptr(), t.const_data_ptr(),
+                             wp.const_data_ptr(), wt.defined() ? wt.const_data_ptr() : nullptr,
+                             dgrad.mutable_data_ptr(), dp.mutable_data_ptr(),
+                             t_grad ? dt.mutable_data_ptr() : nullptr, K, B, D, c10::cuda::getCurrentCUDAStream()));
+  return {dgrad, dp, dt};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(bissl_fast, CUDA, m) {
   m.impl("byol_fwd", &byol_fwd_cuda);
   m.impl("byol_bwd", &byol_bwd_cuda);
   m.impl("byol_hvp", &byol_hvp_cuda);
+  m.impl("byol_hvp_batched", &byol_hvp_batched_cuda);
 }
 
 }  // namespace byol_cuda

@@ -2,8 +2,9 @@
 // the op contract). One warp per row: each lane reduces a strided slice of the row's dot products
 // with 16-byte vector loads, a butterfly shuffle gives every lane the row sums, the coefficients
 // come from the shared row math header (the same code the CPU kernel and the C++ test run), and
-// a second pass over the row streams the outputs out. Accumulation is fp32 for float/half/bf16
-// and fp64 for double.
+// a second pass over the row streams the outputs out. byol_hvp_batched (k cotangents) keeps one warp
+// per row: the row's norms are reduced once and each cotangent adds its own dot products and output
+// pass. Accumulation is fp32 for float/half/bf16 and fp64 for double.
 //
 // Includes only CUDA headers and our math headers (no torch), so it compiles with plain nvcc;
 // the torch-facing launch glue is csrc/cuda/byol_cuda.cpp, the interface
@@ -127,6 +128,33 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
   }
 }
 
+// The double backward's output pass of one row for one cotangent: dp (and dt) as the per-row linear
+// combinations of p, t, Wp, Wt given by the coefficients (an absent wt is a zero cotangent).
+template <typename S, int VEC, typename T>
+__device__ __forceinline__ void hvp_row_outputs(const bm::HvpCoef<T>& c, const S* pr, const S* tr, const S* wpr,
+                                                const S* wtr, S* dpr, S* dtr, int64_t D, int lane) {
+  for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += kWarp * VEC) {
+    T x[VEC], y[VEC], w[VEC], z[VEC], o[VEC];
+    load<S, VEC>(pr, i, x);
+    load<S, VEC>(tr, i, y);
+    load<S, VEC>(wpr, i, w);
+    if (wtr) {
+      load<S, VEC>(wtr, i, z);
+    } else {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) z[k] = 0;
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o[k] = c.p_p * x[k] + c.p_t * y[k] + c.p_wp * w[k] + c.p_wt * z[k];
+    store<S, VEC>(dpr, i, o);
+    if (dtr) {
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) o[k] = c.t_p * x[k] + c.t_t * y[k] + c.t_wp * w[k] + c.t_wt * z[k];
+      store<S, VEC>(dtr, i, o);
+    }
+  }
+}
+
 template <typename S, int VEC>
 __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
     hvp_kernel(const S* __restrict__ g, const S* __restrict__ p, const S* __restrict__ t, const S* __restrict__ wp,
@@ -167,27 +195,52 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
   const auto r = bm::make_row<T>(warp_sum(pp), warp_sum(tt), warp_sum(pt));
   const auto c = bm::hvp_coef(r, to_acc(g[row]), warp_sum(p_wp), warp_sum(t_wp), warp_sum(p_wt), warp_sum(t_wt));
   if (lane == 0) dg[row] = from_acc<S>(c.dg);
-  S* dpr = dp + row * D;
-  S* dtr = dt ? dt + row * D : nullptr;
-  for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += kWarp * VEC) {
-    T x[VEC], y[VEC], w[VEC], z[VEC], o[VEC];
-    load<S, VEC>(pr, i, x);
-    load<S, VEC>(tr, i, y);
-    load<S, VEC>(wpr, i, w);
-    if (wtr) {
-      load<S, VEC>(wtr, i, z);
-    } else {
+  hvp_row_outputs<S, VEC>(c, pr, tr, wpr, wtr, dp + row * D, dt ? dt + row * D : nullptr, D, lane);
+}
+
+// byol_hvp for K cotangents (wp, wt, dp, dt hold K consecutive [B, D] blocks, dg K blocks of [B]): one warp
+// per row reduces the row's norms once, then, per cotangent, its four dot products and the output pass.
+template <typename S, int VEC>
+__global__ void __launch_bounds__(kWarp* kRowsPerBlock)
+    hvp_batched_kernel(const S* __restrict__ g, const S* __restrict__ p, const S* __restrict__ t,
+                       const S* __restrict__ wp, const S* __restrict__ wt, S* __restrict__ dg, S* __restrict__ dp,
+                       S* __restrict__ dt, int64_t K, int64_t B, int64_t D) {
+  using T = typename AccType<S>::type;
+  const int64_t row = warp_row();
+  if (row >= B) return;
+  const int lane = threadIdx.x % kWarp;
+  const S* pr = p + row * D;
+  const S* tr = t + row * D;
+  const auto r = warp_row_stats<S, VEC>(pr, tr, D, lane);
+  const T gr = to_acc(g[row]);
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t off = (j * B + row) * D;
+    const S* wpr = wp + off;
+    const S* wtr = wt ? wt + off : nullptr;
+    T p_wp = 0, t_wp = 0, p_wt = 0, t_wt = 0;
+    for (int64_t i = static_cast<int64_t>(lane) * VEC; i < D; i += kWarp * VEC) {
+      T x[VEC], y[VEC], w[VEC];
+      load<S, VEC>(pr, i, x);
+      load<S, VEC>(tr, i, y);
+      load<S, VEC>(wpr, i, w);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) z[k] = 0;
+      for (int k = 0; k < VEC; ++k) {
+        p_wp += x[k] * w[k];
+        t_wp += y[k] * w[k];
+      }
+      if (wtr) {
+        T z[VEC];
+        load<S, VEC>(wtr, i, z);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) {
+          p_wt += x[k] * z[k];
+          t_wt += y[k] * z[k];
+        }
+      }
     }
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) o[k] = c.p_p * x[k] + c.p_t * y[k] + c.p_wp * w[k] + c.p_wt * z[k];
-    store<S, VEC>(dpr, i, o);
-    if (dtr) {
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) o[k] = c.t_p * x[k] + c.t_t * y[k] + c.t_wp * w[k] + c.t_wt * z[k];
-      store<S, VEC>(dtr, i, o);
-    }
+    const auto c = bm::hvp_coef(r, gr, warp_sum(p_wp), warp_sum(t_wp), warp_sum(p_wt), warp_sum(t_wt));
+    if (lane == 0) dg[j * B + row] = from_acc<S>(c.dg);
+    hvp_row_outputs<S, VEC>(c, pr, tr, wpr, wtr, dp + off, dt ? dt + off : nullptr, D, lane);
   }
 }
 
@@ -263,6 +316,21 @@ cudaError_t hvp(DType dtype, const void* g, const void* p, const void* t, const 
       hvp_kernel<S, V><<<grid_for(B), kThreads, 0, stream>>>(
           static_cast<const S*>(g), static_cast<const S*>(p), static_cast<const S*>(t), static_cast<const S*>(wp),
           static_cast<const S*>(wt), static_cast<S*>(dg), static_cast<S*>(dp), static_cast<S*>(dt), B, D);
+    });
+  });
+}
+
+cudaError_t hvp_batched(DType dtype, const void* g, const void* p, const void* t, const void* wp, const void* wt,
+                        void* dg, void* dp, void* dt, int64_t K, int64_t B, int64_t D, cudaStream_t stream) {
+  if (B == 0 || K == 0) return cudaSuccess;
+  return dispatch(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const bool al = aligned16(p) && aligned16(t) && aligned16(wp) && aligned16(wt) && aligned16(dp) && aligned16(dt);
+    return with_vec<S>(D, al, [&](auto pack) {
+      constexpr int V = decltype(pack)::kVec;
+      hvp_batched_kernel<S, V><<<grid_for(B), kThreads, 0, stream>>>(
+          static_cast<const S*>(g), static_cast<const S*>(p), static_cast<const S*>(t), static_cast<const S*>(wp),
+          static_cast<const S*>(wt), static_cast<S*>(dg), static_cast<S*>(dp), static_cast<S*>(dt), K, B, D);
     });
   });
 }

@@ -92,6 +92,23 @@ static void check_channel(const Channel& ch, bool train, const char* label) {
   expect_close(what, s_g_only, s_g, 1e-13);
   std::snprintf(what, sizeof what, "%s row_sums_bwd sum g xc", label);
   expect_close(what, s_gx_only, s_gx, 1e-13);
+  // The batched kernels' split (shared sums, then the cotangent's) reproduces the five sums bit for bit.
+  double s_gg_only = 0, s_ggx_only = 0, s_ggg_only = 0;
+  bn::row_sums_cotangent<double>(ch.ggx.data(), ch.g.data(), ch.x.data(), n, mean, s_gg_only, s_ggx_only, s_ggg_only);
+  std::snprintf(what, sizeof what, "%s row_sums_bwd + row_sums_cotangent == row_sums_dbwd", label);
+  expect(s_g_only == s_g && s_gx_only == s_gx && s_gg_only == s_gg && s_ggx_only == s_ggx && s_ggg_only == s_ggg, what);
+  double naive_gg = 0, naive_ggx = 0, naive_ggg = 0;
+  for (size_t i = 0; i < n; ++i) {
+    naive_gg += ch.ggx[i];
+    naive_ggx += ch.ggx[i] * (ch.x[i] - mean);
+    naive_ggg += ch.ggx[i] * ch.g[i];
+  }
+  std::snprintf(what, sizeof what, "%s row_sums_cotangent sum ggx", label);
+  expect_close(what, s_gg_only, naive_gg, 1e-13);
+  std::snprintf(what, sizeof what, "%s row_sums_cotangent sum ggx xc", label);
+  expect_close(what, s_ggx_only, naive_ggx, 1e-13);
+  std::snprintf(what, sizeof what, "%s row_sums_cotangent sum ggx g", label);
+  expect_close(what, s_ggg_only, naive_ggg, 1e-13);
 
   // Backward against the textbook formulas.
   Vec gx;

@@ -24,7 +24,9 @@
 //
 // Every full-size output is a per-channel linear combination of g, xc and ggx: the kernels reduce the
 // per-channel sums in one sweep, call the coefficient functions below once per channel, and stream
-// the combination out in a second sweep.
+// the combination out in a second sweep. A batched Hessian-vector product applies the double backward to
+// k cotangents (ggx, ggw, ggb) at once: S_g and S_gx (and the statistics) do not depend on the cotangent,
+// so the batched kernels reduce them once per channel and only S_gg, S_ggx, S_ggg per cotangent.
 #pragma once
 
 #include <cmath>
@@ -237,6 +239,32 @@ inline void row_sums_dbwd(const S* gg, const S* g, const S* x, int64_t n, T mean
   }
   s_g += lane_total(a);
   s_gx += lane_total(b);
+  s_gg += lane_total(c);
+  s_ggx += lane_total(d);
+  s_ggg += lane_total(e);
+}
+
+// (sum ggx, sum ggx (x - mean), sum ggx g): the cotangent's part of row_sums_dbwd, in the same lanes and
+// order (so row_sums_bwd + row_sums_cotangent give exactly row_sums_dbwd's five sums).
+template <typename T, typename S>
+inline void row_sums_cotangent(const S* gg, const S* g, const S* x, int64_t n, T mean, T& s_gg, T& s_ggx,
+                               T& s_ggg) {
+  T c[kLanes] = {}, d[kLanes] = {}, e[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const T ggv = static_cast<T>(gg[i + j]);
+      c[j] += ggv;
+      d[j] += ggv * (static_cast<T>(x[i + j]) - mean);
+      e[j] += ggv * static_cast<T>(g[i + j]);
+    }
+  }
+  for (; i < n; ++i) {
+    const T ggv = static_cast<T>(gg[i]);
+    c[0] += ggv;
+    d[0] += ggv * (static_cast<T>(x[i]) - mean);
+    e[0] += ggv * static_cast<T>(g[i]);
+  }
   s_gg += lane_total(c);
   s_ggx += lane_total(d);
   s_ggg += lane_total(e);

@@ -25,6 +25,9 @@ cudaError_t bwd(DType dtype, const void* g, const void* p, const void* t, void* 
                 cudaStream_t stream);
 cudaError_t hvp(DType dtype, const void* g, const void* p, const void* t, const void* wp, const void* wt, void* dg,
                 void* dp, void* dt, int64_t B, int64_t D, cudaStream_t stream);
+// byol_hvp for K cotangents: wp, wt (nullable), dp, dt (nullable) are [K, B, D], dg is [K, B].
+cudaError_t hvp_batched(DType dtype, const void* g, const void* p, const void* t, const void* wp, const void* wt,
+                        void* dg, void* dp, void* dt, int64_t K, int64_t B, int64_t D, cudaStream_t stream);
 
 }  // namespace byol_cuda
 
@@ -66,6 +69,14 @@ cudaError_t bwd(DType dtype, const void* g, const void* x, const void* w, const 
 cudaError_t dbwd(DType dtype, const void* ggx, const void* ggw, const void* ggb, const void* g, const void* x,
                  const void* w, const void* mean, const void* invstd, void* gi, void* gg, void* gw, int64_t n,
                  int64_t c, int64_t l, bool training, cudaStream_t stream);
+// The batched ops for k tangents: g, gx (bwd) and ggx, gi, gg (dbwd) are [k, n, c, l]; gw, gb, ggw, ggb
+// are [k, c] (ggw, ggb always given; ggx may be null). k <= 65535 for bwd_batched (a grid dimension).
+cudaError_t bwd_batched(DType dtype, const void* g, const void* x, const void* w, const void* mean, const void* invstd,
+                        void* gx, void* gw, void* gb, int64_t k, int64_t n, int64_t c, int64_t l, bool training,
+                        cudaStream_t stream);
+cudaError_t dbwd_batched(DType dtype, const void* ggx, const void* ggw, const void* ggb, const void* g, const void* x,
+                         const void* w, const void* mean, const void* invstd, void* gi, void* gg, void* gw, int64_t k,
+                         int64_t n, int64_t c, int64_t l, bool training, cudaStream_t stream);
 
 }  // namespace batch_norm_cuda
 }  // namespace bissl_fast
