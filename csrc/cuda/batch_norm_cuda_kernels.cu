@@ -224,8 +224,10 @@ __device__ __forceinline__ void dbwd_tangent(const S* ggx, typename AccType<S>::
   dbwd_outputs(k, ggx, g, x, mean, gi, gg, c, m, at);
 }
 
+// One resident block per SM allowed: with the default bound ptxas held the fp64 instance to 64 registers and
+// spilled the per-cotangent sums (48-64 B of stack).
 template <typename S>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 1)
     dbwd_batched_kernel(const S* __restrict__ ggx, const typename AccType<S>::type* __restrict__ ggw,
                         const typename AccType<S>::type* __restrict__ ggb, const S* __restrict__ g,
                         const S* __restrict__ x, const typename AccType<S>::type* __restrict__ w,

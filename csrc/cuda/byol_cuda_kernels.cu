@@ -200,8 +200,10 @@ __global__ void __launch_bounds__(kWarp* kRowsPerBlock)
 
 // byol_hvp for K cotangents (wp, wt, dp, dt hold K consecutive [B, D] blocks, dg K blocks of [B]): one warp
 // per row reduces the row's norms once, then, per cotangent, its four dot products and the output pass.
+// One resident block per SM allowed: with the default bound ptxas held the fp64 one-vector-per-lane
+// instance to 80 registers on sm_80 and spilled 8 B.
 template <typename S, int VEC>
-__global__ void __launch_bounds__(kWarp* kRowsPerBlock)
+__global__ void __launch_bounds__(kWarp* kRowsPerBlock, 1)
     hvp_batched_kernel(const S* __restrict__ g, const S* __restrict__ p, const S* __restrict__ t,
                        const S* __restrict__ wp, const S* __restrict__ wt, S* __restrict__ dg, S* __restrict__ dp,
                        S* __restrict__ dt, int64_t K, int64_t B, int64_t D) {
