@@ -226,6 +226,25 @@ def test_torch_compile_traces_through_ops():
         assert_close_rel("compiled gradients", got, want, 1e-6)
 
 
+
+@needs_cpp
+@pytest.mark.parametrize("targets_need_grad", [False, True])
+def test_hvp_through_a_graph_compiled_with_the_eager_backend_is_exact(targets_need_grad):
+    """torch.compile(backend="eager") accepts a double backward; through the fused loss it must be the exact
+    HVP (it once raised "element 0 of tensors does not require grad"), cross terms included."""
+    torch._dynamo.reset()
+    xs = [x.requires_grad_(i < 2 or targets_need_grad) for i, x in enumerate(_inputs(6, 5, torch.float64, "cpu"))]
+    wrt = [x for x in xs if x.requires_grad]
+    vs = [torch.randn_like(x) for x in wrt]
+
+    def hvp(loss_fn):
+        grads = torch.autograd.grad(0.7 * loss_fn(*xs), wrt, create_graph=True)
+        return torch.autograd.grad(grads, wrt, vs)
+
+    want = hvp(reference.byol_loss)
+    compiled = torch.compile(lambda *a: byol_loss(*a, backend="cpp"), backend="eager")
+    assert_close_rel("compiled-graph HVP", hvp(compiled), want, 1e-12)
+
 @needs_cpp
 def test_kernels_do_not_write_inputs():
     xs = [x.requires_grad_() for x in _inputs(4, 8, torch.float32, "cpu")]

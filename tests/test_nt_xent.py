@@ -279,6 +279,33 @@ def test_torch_compile_matches_eager():
     assert_close_rel("compiled gradient", grad_c, grad_e, 1e-6)
 
 
+
+@pytest.mark.parametrize("views", [2, 3])
+def test_hvp_through_a_graph_compiled_with_the_eager_backend_is_exact(views):
+    """torch.compile(backend="eager") accepts a double backward; through the fused loss it must be the exact
+    HVP (it once dropped the log-sum-exp's Hessian term: 37% off), with a non-unit upstream gradient."""
+    torch._dynamo.reset()
+    z = torch.randn(5 * views, 4, dtype=torch.float64, requires_grad=True)
+    v, scale = torch.randn_like(z), 0.7
+
+    def hvp(loss_fn):
+        (grad,) = torch.autograd.grad(scale * loss_fn(z), z, create_graph=True)
+        return torch.autograd.grad(grad, z, v)[0]
+
+    want = hvp(lambda t: reference.nt_xent(t, temperature=0.3, views=views))
+    compiled = torch.compile(lambda t: nt_xent(t, temperature=0.3, views=views, backend="torch"), backend="eager")
+    assert_close_rel("compiled-graph HVP", hvp(compiled), want, 1e-12)
+
+
+def test_hvp_through_an_aot_compiled_graph_raises():
+    """Backends that compile the backward refuse a double backward: an error, never a wrong value."""
+    torch._dynamo.reset()
+    z = torch.randn(8, 4, requires_grad=True)
+    compiled = torch.compile(lambda t: nt_xent(t, temperature=0.5, backend="torch"), backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(z), z, create_graph=True)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(grad, z, torch.randn_like(z))
+
 def test_chunked_memory_is_a_tenth_of_reference_at_8192():
     """fwd+bwd at N=8192, D=128: the reference holds several N x N fp32 buffers (~1.4 GB)."""
     z = torch.randn(8192, 128, requires_grad=True)
@@ -339,10 +366,21 @@ def test_opcheck_custom_ops(dtype):
         torch.library.opcheck(op, args)
 
 
-def test_custom_ops_are_not_differentiable_on_their_own():
-    """As with torch.library.custom_op, backpropagating through a raw op raises (the autograd
-    Functions around the ops carry the derivatives)."""
-    u = F.normalize(torch.randn(6, 4), dim=1).requires_grad_()
-    lse = torch.ops.bissl_fast.nt_xent_lse(u, 2.0, "torch", "ieee")
+def test_the_lse_op_carries_its_derivatives_and_the_inner_ops_raise():
+    """The lse op has its own autograd (what `nt_xent` calls outside torch.func transforms): its gradient and HVP
+    equal NTXentFunction's. The backward and double-backward ops are differentiated only through it; on their own
+    they raise, as with torch.library.custom_op."""
+    u = F.normalize(torch.randn(6, 4, dtype=torch.float64), dim=1).requires_grad_()
+    c, v = torch.randn(6, dtype=torch.float64), torch.randn(6, 4, dtype=torch.float64)
+
+    def grad_and_hvp(lse_fn):
+        (grad,) = torch.autograd.grad((c * lse_fn(u)).sum(), u, create_graph=True)
+        return grad.detach(), torch.autograd.grad(grad, u, v)[0]
+
+    got = grad_and_hvp(lambda x: torch.ops.bissl_fast.nt_xent_lse(x, 2.0, "torch", "ieee"))
+    want = grad_and_hvp(lambda x: NTXentFunction.apply(x, 0.5, "torch", "ieee"))
+    assert_close_rel("op gradient and HVP", got, want, 1e-14)
+    lse = torch.ops.bissl_fast.nt_xent_lse(u.detach(), 2.0, "torch", "ieee")
+    du = torch.ops.bissl_fast.nt_xent_lse_backward(u, lse, c, 2.0, "torch", "ieee")
     with pytest.raises(RuntimeError, match="has no autograd formula of its own"):
-        lse.sum().backward()
+        du.sum().backward()

@@ -34,7 +34,7 @@ from .. import reference
 from .._backends import OP_BACKENDS, extension, resolve_backend
 from .._validation import check_float_tensor, check_same_device, check_same_shape
 from ._registration import assume_constant_result, define_op
-from ._transforms import for_transforms, transforms_active
+from ._transforms import transforms_active
 from .byol_batching import batched_hvp_fake, register_batched_hvp, register_batching_rules
 
 
@@ -357,7 +357,13 @@ def byol_loss(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str = "au
     name = _resolve(backend, device)
     if name == "torch":
         return reference.byol_loss(p1, p2, t1, t2)
-    return for_transforms(BYOLLossFunction, _BYOLLossForwardAD).apply(p1, p2, t1, t2, name)
+    if transforms_active():
+        return _BYOLLossForwardAD.apply(p1, p2, t1, t2, name)
+    # The row ops' own autograd (fwd -> bwd -> hvp) rather than BYOLLossFunction: under torch.compile each op
+    # stays an opaque call whose backward runs eagerly, so a double backward through a graph compiled with
+    # backend="eager" is exact (dynamo traces an autograd Function's backward with detached saved tensors).
+    ops = _row_ops(name)
+    return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
 
 
 class BYOLLoss(nn.Module):

@@ -21,8 +21,9 @@ chain rule (first and second order) comes from autograd.
 
 The three kernels are registered as ``torch.library`` custom ops (``torch.ops.bissl_fast.nt_xent_lse``,
 ``..._backward``, ``..._double_backward``) with fake implementations, so ``torch.compile`` traces
-``nt_xent`` without graph breaks. (``torch.compile`` itself does not support double backward; HVPs
-run eagerly.)
+``nt_xent`` without graph breaks. Outside ``torch.func`` transforms :func:`nt_xent` calls the lse op, whose
+autograd formula is registered on the op, so a double backward through a graph compiled with
+``backend="eager"`` runs the backward eagerly and is exact (docs/design.md §2.1, "Custom ops").
 """
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ from ..kernels import nt_xent_torch
 from ..kernels.nt_xent_torch import accumulation_dtype
 from ..reference import NORMALIZE_EPS
 from ._registration import assume_constant_result, define_op
-from ._transforms import for_transforms
+from ._transforms import for_transforms, transforms_active
 from .nt_xent_batching import register_batching_rules
 
 __all__ = ["NTXentFunction", "NTXentLoss", "nt_xent"]
@@ -70,7 +71,7 @@ def _lse_fake(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> 
     return u.new_empty(u.shape[0], dtype=accumulation_dtype(u.dtype))
 
 
-@define_op("bissl_fast::nt_xent_lse", fake=_lse_fake)
+@define_op("bissl_fast::nt_xent_lse", fake=_lse_fake, autograd_from_caller=True)
 def _lse_op(u: torch.Tensor, inv_tau: float, backend: str, precision: str) -> torch.Tensor:
     """``lse [N]`` (fp32, fp64 for fp64 ``u``) of the diagonal-masked logits ``u u^T * inv_tau``."""
     return _kernels(backend).lse_forward(u, inv_tau, precision)
@@ -101,6 +102,21 @@ def _lse_double_backward_op(
 
 
 register_batching_rules(_kernels)
+
+
+def _lse_setup(ctx, inputs, output):
+    u, ctx.inv_tau, ctx.backend, ctx.precision = inputs
+    ctx.save_for_backward(u, output)
+
+
+def _lse_backward(ctx, grad_lse):
+    u, lse = ctx.saved_tensors
+    return _lse_vjp(u, lse, grad_lse, ctx.inv_tau, ctx.backend, ctx.precision), None, None, None
+
+
+# What `nt_xent` differentiates outside torch.func transforms: an opaque op's backward runs eagerly, so a double
+# backward through torch.compile(backend="eager") is exact (dynamo traces a Function's backward: docs/design.md §2.1).
+torch.library.register_autograd("bissl_fast::nt_xent_lse", _lse_backward, setup_context=_lse_setup)
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,7 +222,8 @@ class NTXentFunction(torch.autograd.Function):
 
     Returns ``lse`` of shape ``[N]`` in fp32 (fp64 for fp64 ``u``). Its gradient is differentiable
     once more (``create_graph=True`` then a second ``grad``); memory stays O(N*D) plus a few
-    bounded logits blocks throughout.
+    bounded logits blocks throughout. :func:`nt_xent` calls the op itself (same derivatives) outside
+    ``torch.func`` transforms.
     """
 
     generate_vmap_rule = True
@@ -226,11 +243,17 @@ class NTXentFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_lse):
         u, lse = ctx.saved_tensors
-        c = grad_lse.to(lse.dtype).contiguous()
-        du = for_transforms(_NTXentLseBackward, _NTXentLseBackwardForwardAD).apply(
-            u.contiguous(), lse.detach(), c, ctx.inv_tau, ctx.backend, ctx.precision
-        )
-        return du, None, None, None
+        return _lse_vjp(u, lse, grad_lse, ctx.inv_tau, ctx.backend, ctx.precision), None, None, None
+
+
+def _lse_vjp(
+    u: torch.Tensor, lse: torch.Tensor, grad_lse: torch.Tensor, inv_tau: float, backend: str, precision: str
+) -> torch.Tensor:
+    """``d(sum_i grad_lse_i lse_i)/du [N, D]``, itself differentiable once (the double backward)."""
+    c = grad_lse.to(lse.dtype).contiguous()
+    return for_transforms(_NTXentLseBackward, _NTXentLseBackwardForwardAD).apply(
+        u.contiguous(), lse.detach(), c, inv_tau, backend, precision
+    )
 
 
 class _NTXentFunctionForwardAD(NTXentFunction):
@@ -290,9 +313,12 @@ def _loss(z: torch.Tensor, tau: float, views: int, backend: str, precision: str)
     u = F.normalize(z.to(accumulation_dtype(z.dtype)), dim=1, eps=NORMALIZE_EPS)
     # Triton takes 16-bit rows as they are (tensor-core dots, fp32 accumulation); the chunked path
     # computes in fp32 (fp64 for fp64 input).
-    u_lse = u.to(z.dtype) if backend == "triton" else u
-    lse_function = for_transforms(NTXentFunction, _NTXentFunctionForwardAD)
-    lse = lse_function.apply(u_lse.contiguous(), tau, backend, precision)
+    u_lse = (u.to(z.dtype) if backend == "triton" else u).contiguous()
+    if transforms_active():
+        lse = _NTXentFunctionForwardAD.apply(u_lse, tau, backend, precision)
+    else:
+        inv_tau, backend, precision = _lse_settings(u_lse, tau, backend, precision)
+        lse = torch.ops.bissl_fast.nt_xent_lse(u_lse, inv_tau, backend, precision)
     positives = sum((u * u.roll(-k * b, dims=0)).sum() for k in range(1, views))
     return lse.mean() - positives / (tau * n * (views - 1))
 
