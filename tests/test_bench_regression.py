@@ -3,7 +3,7 @@
 The flow test runs ``benchmarks/bench_byol.py`` at its quick size (BISSL_BENCH_SIZES=quick: B=256, D=256 on
 CPU, every provider and mode timed here) with the harness's default settings: it saves a baseline, compares
 unchanged code three times in a row (each must pass the CI gate), then compares a run in which the ``cpp``
-BYOL loss does its work twice (a planted 2x slowdown of one fast path), which must fail naming exactly the
+BYOL loss does its work three times (a planted slowdown of one fast path), which must fail naming exactly the
 ``cpp`` rows.
 """
 from __future__ import annotations
@@ -23,15 +23,22 @@ from bissl_fast.bench.regression import (
     slow_change_pct,
     speedup_regressions,
 )
+from bissl_fast.bench.report import DEFAULT_SUITE_DIR
 
-BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+# The suites of the bissl_fast under test (a build elsewhere, in CI's oldest-torch pass): pytest puts the folder
+# above a suite's package first on sys.path, so the checkout's benchmarks/ would import the checkout's bissl_fast,
+# whose extension is built for another torch, and time the cpp rows of nothing.
+BENCH_DIR = DEFAULT_SUITE_DIR
 # The CI gate README "Benchmarks" documents (its threshold chosen there from measured false-alarm rates). The
 # absolute-time check (--benchmark-compare-fail=min:50%) is not gated here: on a shared machine it false-alarms
 # in 15-25% of compares (measured, README).
 SPEEDUP_CHECK = "--speedup-compare-fail=33%"
 
 # A pytest plugin (-p) loaded before the suite imports bissl_fast.byol_loss: the cpp backend computes the
-# loss twice and averages, so forward, backward and double backward all do twice the kernel work.
+# loss three times and averages, so forward, backward and double backward do three times the kernel work. Twice
+# is not enough at this size: the HVP row's fixed autograd cost is about half its time, so doubled kernels cut its
+# speedup by about a third: missed by the 33% gate in 5 of 12 runs with torch 2.11 (CI's oldest pass), where
+# three times the work cut it by 55-66% in 4 of 4.
 _SLOW_CPP_PLUGIN = '''
 import bissl_fast
 
@@ -40,7 +47,7 @@ _byol_loss = bissl_fast.byol_loss
 
 def byol_loss(*args, backend="auto", **kwargs):
     if backend == "cpp":
-        return 0.5 * (_byol_loss(*args, backend=backend, **kwargs) + _byol_loss(*args, backend=backend, **kwargs))
+        return sum(_byol_loss(*args, backend=backend, **kwargs) for _ in range(3)) / 3
     return _byol_loss(*args, backend=backend, **kwargs)
 
 
@@ -76,7 +83,7 @@ def _regressed_rows(output: str, heading: str) -> set[str]:
 
 
 @pytest.mark.slow
-def test_save_compare_unchanged_passes_and_a_2x_slower_fast_path_fails(tmp_path):
+def test_save_compare_unchanged_passes_and_a_3x_slower_fast_path_fails(tmp_path):
     (tmp_path / "slow_cpp_byol.py").write_text(_SLOW_CPP_PLUGIN)
     saved = _bench(tmp_path, "--benchmark-autosave")
     assert saved.returncode == 0, saved.stdout[-3000:] + saved.stderr[-3000:]
@@ -91,9 +98,10 @@ def test_save_compare_unchanged_passes_and_a_2x_slower_fast_path_fails(tmp_path)
 
     slowed = _bench(tmp_path, *compare, slow_cpp=True)
     output = slowed.stdout + slowed.stderr
-    assert slowed.returncode == pytest.ExitCode.TESTS_FAILED, "a 2x slower cpp BYOL loss passed:\n" + output[-3000:]
+    assert slowed.returncode == pytest.ExitCode.TESTS_FAILED, "a 3x slower cpp BYOL loss passed:\n" + output[-3000:]
     cpp_rows = {f"test_byol[256-256-float32-{mode}-cpp]" for mode in ("fwd", "fwd+bwd", "hvp")}
-    assert _regressed_rows(output, "Speedup has regressed:") == cpp_rows, output[-3000:]
+    assert _regressed_rows(output, "Speedup has regressed:") == cpp_rows, "\n".join(
+        line for line in output.splitlines() if "speedup" in line.lower())
 
 
 def _run(rows: dict[str, tuple[str, float, float]]) -> dict:
