@@ -175,6 +175,15 @@ def test_bench_report_summarizes_pytest_benchmark_json(tmp_path):
     assert [p.name for p in plot(rows, tmp_path)] == ["nt_xent_fwd_float32.png"]
 
 
+
+def test_bench_plot_orders_sizes_by_number_not_text():
+    from bissl_fast.bench.report import _size_sort_key
+
+    sizes = [{"k": k, "N": 2048, "backend": "torch"} for k in (32, 1, 8)]
+    assert [s["k"] for s in sorted(sizes, key=_size_sort_key)] == [1, 8, 32]
+    assert sorted([{"backend": "torch"}, {"backend": "cpp"}], key=_size_sort_key) == [{"backend": "cpp"}, {"backend": "torch"}]
+
+
 _TINY_SUITE = """
 import torch
 from bissl_fast import reference

@@ -285,6 +285,12 @@ def update_readme(readme: Path, results_path: Path) -> None:
     readme.write_text(text.replace(block, new_block))
 
 
+def _size_sort_key(size: dict[str, Any]) -> tuple:
+    """Numbers in numeric order (k=1, k=8, k=32, not k=1, k=32, k=8), names after them in text order."""
+    return tuple((0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
+                 for v in size.values())
+
+
 def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """One PNG per (op, mode, dtype): median time and peak memory vs size, a line per provider."""
     import matplotlib
@@ -297,7 +303,7 @@ def plot(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         groups.setdefault((r["op"], r["mode"], r["dtype"]), []).append(r)
     written = []
     for (op, mode, dtype), group in groups.items():
-        order = {_fmt_size(r["size"]): tuple(str(v) for v in r["size"].values()) for r in group}
+        order = {_fmt_size(r["size"]): _size_sort_key(r["size"]) for r in group}
         sizes = sorted(order, key=order.get)
         fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
         for provider in sorted({r["provider"] for r in group}):

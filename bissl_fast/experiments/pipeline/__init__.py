@@ -26,11 +26,15 @@ finished run's ``summary.json`` into the README's pipeline block.
 """
 from __future__ import annotations
 
-from . import report
+from ..._lazy import lazy_submodules
 from .cli import build_parser, main
 from .config import FIELD_HELP, PipelineConfig, config_from_toml
 from .runner import format_summary, run_pipeline
 from .stages import evaluate
+
+# `report` stays lazy: imported here, `python -m bissl_fast.experiments.pipeline.report` would find it already
+# in sys.modules and runpy would warn.
+__getattr__, __dir__ = lazy_submodules(__name__, ("report",))
 
 __all__ = ["FIELD_HELP", "PipelineConfig", "build_parser", "config_from_toml", "evaluate", "format_summary", "main",
            "run_pipeline"]
