@@ -81,6 +81,18 @@ def test_every_tile_compiles_for_sm90_without_spills():
     assert not problems, "; ".join(problems)
 
 
+
+def test_the_report_gives_the_unaligned_compile_beside_the_aligned_one(tmp_path, capsys):
+    """``--compile --unaligned`` reports registers and stack of both integer-argument specializations."""
+    import json
+
+    match = "byol hvp fp64 1x1024 HAS_WT T_GRAD"
+    assert triton_aot.main(["--compile", "--unaligned", "--match", match, "--json", str(tmp_path / "rows.json")]) == 0
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["stack"] == 0 and row["stack_unaligned"] == 0
+    assert 0 < row["registers"] < triton_aot.MAX_REGISTERS and 0 < row["registers_unaligned"] < triton_aot.MAX_REGISTERS
+    assert f"| {row['registers']} / {row['registers_unaligned']} | 0 / 0 |" in capsys.readouterr().out
+
 def test_fixed_config_mode_launches_the_first_tile(monkeypatch):
     r = nt_xent_triton.route("bwd_bwd", torch.float32, "tf32", 100)
     assert len(r.tiles) > 1

@@ -18,7 +18,8 @@ cached by triton on disk). The shared-memory pass is an internal of triton (chec
 
 prints every route's tiles with their shared memory on both targets (``--compile`` adds sm_90
 registers, stack and compile time; ``--fresh`` bypasses triton's cache so the time is a real compile;
-``--unaligned`` also compiles the unaligned variants, to fill the cache before a GPU run).
+``--unaligned`` also compiles for integer arguments not divisible by 16, and reports their registers and
+stack after the aligned ones).
 :func:`survey` spreads the tiles over worker processes, as the tests do.
 """
 from __future__ import annotations
@@ -265,21 +266,29 @@ def main(argv: list[str] | None = None) -> int:
     shared = survey("shared", args.match, args.workers)
     compiled = (survey("compile", args.match, args.workers, args.fresh, (True,)) if args.compile
                 else [None] * len(shared))
-    if args.compile and args.unaligned:  # fills triton's cache for such launches too
-        survey("compile", args.match, args.workers, args.fresh, (False,))
-    # Shared memory: the larger of the aligned and unaligned variants.
+    # Also fills triton's cache for such launches.
+    unaligned = (survey("compile", args.match, args.workers, args.fresh, (False,)) if args.compile and args.unaligned
+                 else [None] * len(shared))
+    # Shared memory: the larger of the aligned and unaligned variants. Registers / stack: "aligned / unaligned".
     print("| route | kernel | tile | shared sm_80 (KiB) | shared sm_90 (KiB) | registers | stack (B) | compile (s) |")
     print("|---|---|---|---|---|---|---|---|")
-    for (r, tile, figures), full in zip(shared, compiled):
+    for (r, tile, figures), full, loose in zip(shared, compiled, unaligned):
         row = {"route": r.name, "kernel": r.kernel.name, "tile": str(tile), **figures}
+        cells = {"registers": "", "stack": "", "compile_s": ""}
         if full is not None:
             res = full[2]
             row.update(registers=res["registers"], stack=res["stack"], compile_s=round(res["compile_s"], 2))
+            cells = {key: str(row[key]) for key in cells}
+        if loose is not None:
+            res = loose[2]
+            row.update(registers_unaligned=res["registers"], stack_unaligned=res["stack"])
+            cells["registers"] += f" / {res['registers']}"
+            cells["stack"] += f" / {res['stack']}"
         rows.append(row)
         shared_kib = {arch: max(figures[f"shared_{arch}"], figures[f"shared_{arch}_unaligned"]) / 1024
                       for arch in TARGETS}
         print(f"| {r.name} | {r.kernel.name} | {tile} | {shared_kib['sm_80']:.1f} | {shared_kib['sm_90']:.1f} | "
-              f"{row.get('registers', '')} | {row.get('stack', '')} | {row.get('compile_s', '')} |")
+              f"{cells['registers']} | {cells['stack']} | {cells['compile_s']} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
