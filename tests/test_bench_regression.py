@@ -37,7 +37,7 @@ SPEEDUP_CHECK = "--speedup-compare-fail=33%"
 # A pytest plugin (-p) loaded before the suite imports bissl_fast.byol_loss: the cpp backend computes the
 # loss three times and averages, so forward, backward and double backward do three times the kernel work. Twice
 # is not enough at this size: the HVP row's fixed autograd cost is about half its time, so doubled kernels cut its
-# speedup by about a third: missed by the 33% gate in 5 of 12 runs with torch 2.11 (CI's oldest pass), where
+# speedup by about a third: missed by the 33% gate in 5 of 11 runs with torch 2.11 (CI's oldest pass), where
 # three times the work cut it by 55-66% in 4 of 4.
 _SLOW_CPP_PLUGIN = '''
 import bissl_fast
