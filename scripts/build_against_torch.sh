@@ -27,6 +27,9 @@ start=$SECONDS
 MAX_JOBS=${MAX_JOBS:-2} "$venv/bin/python" setup.py -q build --build-base "$base" --build-lib "$base/lib" \
   --build-temp "$base/temp" >&2
 echo "== built in $((SECONDS - start)) s" >&2
+# Results' provenance hashes csrc/, setup.py and benchmarks/ beside the package (bissl_fast/_provenance.py): linked
+# here, a test run from this build computes the checkout's source hash, as the README blocks' staleness checks expect.
+for source in csrc setup.py benchmarks; do ln -sfn "$PWD/$source" "$base/lib/$source"; done
 so=$(ls "$base"/lib/bissl_fast/_C.*.so)
 # -P: do not put the current folder (this checkout, whose in-place _C may be built for another torch) on sys.path.
 PYTHONPATH="$base/lib" "$venv/bin/python" -P - "$base/lib" "$cuda" <<'PY' >&2
