@@ -2,6 +2,8 @@
 batching rules under both vmaps, and gradcheck's batched checks (docs/design.md §2.3)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from helpers import prototype_vmap, rel_err
@@ -67,6 +69,21 @@ def test_batched_ops_equal_one_tangent_at_a_time(device, dtype, shape, training,
             assert same(out[0][j], ref[0]) and same(out[1][j], ref[1]), name
             if affine:
                 assert same(out[2][j], ref[2]), name
+
+
+@needs_cpp
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="outputs of 32 MiB and more are mapped on Linux only")
+def test_outputs_of_32_mib_and_more_are_mapped_and_equal():
+    """[k, ...] outputs of 32 MiB and more get their own huge-page-aligned mapping (csrc/output_alloc.cpp);
+    they are written in full (the suite poisons outputs with NaN) and equal the single-tangent ops."""
+    x, w, mean, invstd, g, ggi, ggw, ggb, gos = _case((16, 32, 64, 64), torch.float32, "cpu", True, k=4)
+    gi, gg, gw = ops.batch_norm_dbwd_batched(ggi, ggw, ggb, g, x, w, mean, invstd, True, [True, True, True])
+    assert gi.numel() * gi.element_size() == 32 << 20
+    for out in (gi, gg):
+        assert out.data_ptr() % (2 << 20) == 0
+    for j in range(4):
+        ref = ops.batch_norm_dbwd(ggi[j], ggw[j], ggb[j], g, x, w, mean, invstd, True, [True, True, True])
+        assert torch.equal(gi[j], ref[0]) and torch.equal(gg[j], ref[1]) and torch.equal(gw[j], ref[2])
 
 
 def _loop(op, args, in_dims, k):

@@ -90,3 +90,17 @@ def test_matmat_of_a_single_vector_and_of_many():
         many = random_like(prob.params, k=9)
         out = op.matmat(many)
         assert rel_err(tuple(t[7] for t in out), op.matvec(tuple(t[7] for t in many))) < 1e-12
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_matmat_in_chunks_equals_all_at_once(mode):
+    prob = _problem("simclr", "fused", fused_bn=True)
+    vs = random_like(prob.params, k=5)
+    with HessianOperator(prob.loss_fn, prob.params, module=prob.modules, **MODES[mode]) as op:
+        whole = op.matmat(vs)
+        for chunk_size in (1, 2, 5, 8):
+            assert rel_err(op.matmat(vs, chunk_size=chunk_size), whole) < 1e-12, chunk_size
+        assert op.num_products == 25
+        for bad in (0, -1, 2.0, True, "2"):
+            with pytest.raises(ValueError, match="chunk_size must be a positive int or None"):
+                op.matmat(vs, chunk_size=bad)

@@ -103,8 +103,9 @@ def _cross(u: torch.Tensor, w: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
 
 def _tangent_groups(k: int, block_elements: int) -> Iterator[tuple[int, int]]:
     """``(j0, j1)`` ranges of vectors processed together: a few ``[j1 - j0, rows, N]`` buffers of at most
-    twice ``_SINGLE_BLOCK_BYTES`` (in fp32) each, so memory stays bounded for any ``k``."""
-    per_group = max(1, (2 * _SINGLE_BLOCK_BYTES // 4) // block_elements)
+    ``_SINGLE_BLOCK_BYTES`` (in fp32) each, so memory stays bounded for any ``k`` and every buffer stays
+    below the 32 MiB from which glibc maps each allocation afresh (page faults on every call)."""
+    per_group = max(1, (_SINGLE_BLOCK_BYTES // 4) // block_elements)
     for j0 in range(0, k, per_group):
         yield j0, min(k, j0 + per_group)
 
@@ -234,9 +235,9 @@ def _single_block_double_backward_batched(
     """Writes ``r`` and ``out``. With ``A = W U^T`` and the symmetric ``S = C P + P^T C``:
     ``r_i = w_i . (P U)_i + sum_j P_ij A_ji`` and ``E + E^T = T + T^T`` for ``T = S * A - diag(c r) P``
     (the transposed terms of ``E + E^T`` pair up because ``S`` is symmetric). Per cotangent that is three
-    ``N x N x D`` matmuls (``A``, ``S W``, ``T U + T^T U`` as one with a transposed operand and one without)
-    and four elementwise passes, against the single-vector kernel's four matmuls, the exponentials and
-    about a dozen passes; no ``N x N`` transpose is copied per cotangent."""
+    ``N x N x D`` matmuls (``A``, ``S W``, ``(T + T^T) U``) and five elementwise passes (one of them the
+    transposed copy, which costs less than a fourth matmul ``T^T U``), against the single-vector kernel's
+    four matmuls, the exponentials and about a dozen passes."""
     n = u.shape[0]
     p = _masked_logits(u, 0, n, inv_tau).sub_(lse[:, None]).exp_()
     p_t = p.T.contiguous()
@@ -254,9 +255,7 @@ def _single_block_double_backward_batched(
             cj, s = c, shared_s
             first = _times_each(s, wj)
         t = a.mul_(s).addcmul_(p, (cj * rj)[:, :, None], value=-1)
-        second = torch.matmul(t, u)
-        for i in range(j1 - j0):  # 2-D products read the transposed operand in place
-            second[i].addmm_(t[i].T, u)
+        second = torch.stack([torch.mm(_plus_transpose(t[i]), u) for i in range(j1 - j0)])
         torch.add(first.mul(inv_tau), second, alpha=inv_tau * inv_tau, out=out[j0:j1])
 
 

@@ -234,8 +234,7 @@ class BYOLLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str) -> Tensor:
-        ops = _row_ops(backend)
-        return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
+        return _symmetric_mean(backend, p1, p2, t1, t2)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -362,7 +361,12 @@ def byol_loss(p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor, backend: str = "au
     # The row ops' own autograd (fwd -> bwd -> hvp) rather than BYOLLossFunction: under torch.compile each op
     # stays an opaque call whose backward runs eagerly, so a double backward through a graph compiled with
     # backend="eager" is exact (dynamo traces an autograd Function's backward with detached saved tensors).
-    ops = _row_ops(name)
+    return _symmetric_mean(name, p1, p2, t1, t2)
+
+
+def _symmetric_mean(backend: str, p1: Tensor, p2: Tensor, t1: Tensor, t2: Tensor) -> Tensor:
+    """The loss from the row op ``byol_fwd`` of a resolved fused backend (design §2.2)."""
+    ops = _row_ops(backend)
     return (ops.fwd(p1, t2) + ops.fwd(p2, t1)).mean()
 
 

@@ -194,15 +194,21 @@ class HessianOperator:
         self.num_products += 1
         return self._average_products(out)
 
-    def matmat(self, vs: Sequence[torch.Tensor]) -> Tensors:
+    def matmat(self, vs: Sequence[torch.Tensor], chunk_size: int | None = None) -> Tensors:
         """``k`` products at once: ``vs[i]`` is ``[k, *params[i].shape]``; returns the same layout.
 
         ``rev-rev`` runs one double backward vmapped over the cotangents (``torch.func.vmap`` of
         ``torch.autograd.grad``); ``fwd-rev`` vmaps the jvp over the tangents. The fused ops' batching
         rules share their per-vector-independent work across the ``k`` vectors; what that buys is
-        measured in ``benchmarks/bench_solver.py`` (README, "Batched products").
+        measured in ``benchmarks/bench_matmat.py`` (README, "Batched products").
+
+        ``chunk_size``: at most this many vectors per batched pass (``torch.func.vmap``'s ``chunk_size``):
+        the batched intermediates, ``k`` times a single product's, then stay within ``chunk_size`` times;
+        ``None`` (default) takes all ``k`` at once. The results do not depend on it beyond rounding.
         """
         self._check_alive()
+        if chunk_size is not None and (type(chunk_size) is not int or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
         if isinstance(vs, torch.Tensor) or not isinstance(vs, (tuple, list)) or len(vs) != len(self._params):
             raise ValueError(f"vs must be a tuple of {len(self._params)} tensors, one per parameter")
         vs = check_tensor_tuple("vs", vs)
@@ -218,9 +224,9 @@ class HessianOperator:
             one = self._fwd_rev(single) if self.mode == "fwd-rev" else self._rev_rev(single, batched=False)
             out = tuple(t.unsqueeze(0) for t in one)
         elif self.mode == "fwd-rev":
-            out = self._fwd_rev_batched(vs)
+            out = self._fwd_rev_batched(vs, chunk_size)
         else:
-            out = self._rev_rev(vs, batched=True)
+            out = self._rev_rev(vs, batched=True, chunk_size=chunk_size)
         self.num_products += k
         return self._average_products(out)
 
@@ -257,10 +263,10 @@ class HessianOperator:
         index = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
         return [grads[i] for i in index], index
 
-    def _rev_rev(self, v: Tensors, batched: bool) -> Tensors:
+    def _rev_rev(self, v: Tensors, batched: bool, chunk_size: int | None = None) -> Tensors:
         if self.recompute:
             grads, index = self._build_graph()
-            retain = False
+            retain = batched and chunk_size is not None  # every chunk runs through this call's graph
         else:
             grads, index, retain = self._grads, self._grad_index, True
         if not index:
@@ -274,7 +280,7 @@ class HessianOperator:
         def product(*cotangents: torch.Tensor) -> Tensors:
             return torch.autograd.grad(grads, self._params, cotangents, retain_graph=retain, materialize_grads=True)
 
-        return tuple(h.detach() for h in torch.func.vmap(product)(*(v[i] for i in index)))
+        return tuple(h.detach() for h in torch.func.vmap(product, chunk_size=chunk_size)(*(v[i] for i in index)))
 
     def _grad_fn(self) -> Callable[..., Tensors]:
         names = self._names
@@ -292,7 +298,7 @@ class HessianOperator:
             _, hv = torch.func.jvp(grad_fn, primals, tuple(v))
         return tuple(h.detach() for h in hv)
 
-    def _fwd_rev_batched(self, vs: Tensors) -> Tensors:
+    def _fwd_rev_batched(self, vs: Tensors, chunk_size: int | None) -> Tensors:
         primals = tuple(p.detach() for p in self._params)
         grad_fn = self._grad_fn()
 
@@ -300,7 +306,7 @@ class HessianOperator:
             return torch.func.jvp(grad_fn, primals, tangents)[1]
 
         with self._functional_context():
-            hv = torch.func.vmap(product)(*vs)
+            hv = torch.func.vmap(product, chunk_size=chunk_size)(*vs)
         return tuple(h.detach() for h in hv)
 
     @contextlib.contextmanager
