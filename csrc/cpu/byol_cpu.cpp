@@ -16,8 +16,10 @@
 #include <torch/library.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "../byol_checks.h"
 #include "../output_alloc.h"
@@ -257,6 +259,8 @@ inline void hvp_row(const bm::Row<acc_t>& row, acc_t g, const scalar_t* pr, cons
 
 // byol_hvp over K cotangents (K = 1: the op itself; wp, wt, dgrad, dp, dt hold K consecutive [B, ...]
 // blocks): each row's norms are reduced once, then the row is combined with every cotangent.
+constexpr int64_t kBatchedRowBlockBytes = int64_t(1) << 15;
+
 void hvp_rows(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& t, const at::Tensor& wp,
               const at::Tensor& wt, at::Tensor& dgrad, at::Tensor& dp, at::Tensor& dt, bool t_grad, int64_t K) {
   const int64_t B = p.size(0), D = p.size(1);
@@ -270,15 +274,23 @@ void hvp_rows(const at::Tensor& grad, const at::Tensor& p, const at::Tensor& t, 
     scalar_t* dgp = dgrad.mutable_data_ptr<scalar_t>();
     scalar_t* dpp = dp.mutable_data_ptr<scalar_t>();
     scalar_t* dtp = t_grad ? dt.mutable_data_ptr<scalar_t>() : nullptr;
+    // Rows go in blocks whose p and t stay in cache while every cotangent passes over them: each cotangent
+    // then streams a contiguous run of its own rows (a loop over the k cotangents inside each row measured
+    // 0.57x of k separate ops at k = 8 on a 2 MiB-L2 AMD EPYC: 2k strided streams defeat the prefetchers).
+    const int64_t block = std::max<int64_t>(1, kBatchedRowBlockBytes / (D * static_cast<int64_t>(sizeof(scalar_t))));
     at::parallel_for(0, B, std::max<int64_t>(1, grain(D) / K), [&](int64_t lo, int64_t hi) {
-      for (int64_t b = lo; b < hi; ++b) {
-        const scalar_t* pr = pp + b * D;
-        const scalar_t* tr = tp + b * D;
-        const auto row = fast_row_from<acc_t>(pr, tr, D);
+      std::vector<decltype(fast_row_from<acc_t>(pp, tp, D))> rows;
+      for (int64_t b0 = lo; b0 < hi; b0 += block) {
+        const int64_t b1 = std::min(hi, b0 + block);
+        rows.clear();
+        for (int64_t b = b0; b < b1; ++b) rows.push_back(fast_row_from<acc_t>(pp + b * D, tp + b * D, D));
         for (int64_t j = 0; j < K; ++j) {
-          const int64_t off = (j * B + b) * D;
-          hvp_row<scalar_t, acc_t>(row, static_cast<acc_t>(g[b]), pr, tr, wpp + off, wtp ? wtp + off : nullptr, D,
-                                   dgp + j * B + b, dpp + off, dtp ? dtp + off : nullptr);
+          for (int64_t b = b0; b < b1; ++b) {
+            const int64_t off = (j * B + b) * D;
+            hvp_row<scalar_t, acc_t>(rows[b - b0], static_cast<acc_t>(g[b]), pp + b * D, tp + b * D, wpp + off,
+                                     wtp ? wtp + off : nullptr, D, dgp + j * B + b, dpp + off,
+                                     dtp ? dtp + off : nullptr);
+          }
         }
       }
     });
