@@ -28,13 +28,15 @@ def _rows(b: int, d: int, dtype: torch.dtype, device: str, k: int = 4):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_wt,t_grad", [(False, False), (True, True), (False, True), (True, False)])
-def test_hvp_batched_equals_one_cotangent_at_a_time(device, dtype, with_wt, t_grad):
-    """The same row arithmetic in the same order: equal to the unbatched op bit for bit."""
-    g, p, t, wp, wt = _rows(13, 37, dtype, device)
+@pytest.mark.parametrize("b", [13, 1000], ids=["one-row-block", "ragged-row-blocks"])
+def test_hvp_batched_equals_one_cotangent_at_a_time(device, dtype, with_wt, t_grad, b):
+    """The same row arithmetic in the same order: equal to the unbatched op bit for bit. B = 1000 rows of
+    37 spans several of the CPU kernel's 32 KiB row blocks (110 / 221 / 442 rows) with a ragged last one."""
+    g, p, t, wp, wt = _rows(b, 37, dtype, device)
     ops = byol_mod.extension_ops()
     dgrad, dp, dt = torch.ops.bissl_fast.byol_hvp_batched(g, p, t, wp, wt if with_wt else None, t_grad)
-    assert dgrad.shape == (4, 13) and dp.shape == (4, 13, 37)
-    assert dt.shape == ((4, 13, 37) if t_grad else (0,))
+    assert dgrad.shape == (4, b) and dp.shape == (4, b, 37)
+    assert dt.shape == ((4, b, 37) if t_grad else (0,))
     for j in range(4):
         ref = ops.hvp(g, p, t, wp[j], wt[j] if with_wt else None, t_grad)
         assert torch.equal(dgrad[j], ref[0]) and torch.equal(dp[j], ref[1])
